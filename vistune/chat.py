@@ -1,0 +1,163 @@
+"""Render a conversation to token ids and loss labels in one pass, from the LLM's own chat template.
+
+How it stays exact where other tools guess: the template is rendered once with every message's
+content replaced by a sentinel, so we know which characters the template wrote (role headers,
+control tokens) and which are message content. Template text is tokenized with special tokens
+recognised; message content is tokenized with special tokens split into plain text, so a user who types
+`<|im_end|>` or `<image>` gets ordinary text tokens. Each declared image's `<image>` placeholder becomes
+`image_tokens` copies of the image token id. An assistant turn's labels cover its content and the
+template's end-of-turn text (found by rendering the conversation up to that turn), so the model learns
+to stop. Any disagreement between the template and these assumptions is a hard error naming the record.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from vistune.data.records import IMAGE_PLACEHOLDER, Turn
+
+IGNORE = -100
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+# ChatML without a default system prompt: SmolLM2's own template injects one ("You are a helpful AI
+# assistant named SmolLM...") into every conversation, which costs ~20 tokens per sample.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML}
+
+
+class RenderError(ValueError):
+    """A conversation that cannot be rendered faithfully; the message names the record."""
+
+
+@dataclass
+class Rendered:
+    """Token ids, labels (IGNORE where no loss) and how many images the ids expect, in order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+
+    @property
+    def num_label_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def set_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> None:
+    """Override the tokenizer's chat template by name (`chatml`) or with a Jinja string."""
+    if template:
+        tokenizer.chat_template = NAMED_TEMPLATES.get(template, template)
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def _segments(
+    tokenizer: PreTrainedTokenizerBase, turns: list[Turn], generation: bool, where: str
+) -> list[tuple[str, int | None, bool]]:
+    """Split the rendered template into (text, turn index or None for template text, labelled)."""
+    masked = [{"role": t.role, "content": _SENTINEL.format(i)} for i, t in enumerate(turns)]
+    full = _template(tokenizer, masked, generation)
+    closing: dict[int, int] = {}  # assistant turn -> length of the template text that closes it
+    for i, turn in enumerate(turns):
+        if turn.role == "assistant":
+            upto = _template(tokenizer, masked[: i + 1], False)
+            if not full.startswith(upto):
+                raise RenderError(f"{where}: the chat template is not prefix-stable at turn {i}; cannot mask")
+            mark = _SENTINEL.format(i)
+            closing[i] = len(upto) - upto.rindex(mark) - len(mark)
+    pieces: list[tuple[str, int | None, bool]] = []
+    pos, previous = 0, None
+    for match in _SENTINEL_RE.finditer(full):
+        i = int(match.group(1))
+        pieces += _template_piece(full[pos : match.start()], closing.get(previous, 0))
+        pieces.append((turns[i].content, i, turns[i].role == "assistant"))
+        pos, previous = match.end(), i
+    pieces += _template_piece(full[pos:], closing.get(previous, 0))
+    if sorted(p[1] for p in pieces if p[1] is not None) != list(range(len(turns))):
+        raise RenderError(f"{where}: the chat template dropped or repeated message contents")
+    return pieces
+
+
+def _template_piece(text: str, labelled: int) -> list[tuple[str, int | None, bool]]:
+    """Template text; its first `labelled` characters close an assistant turn and carry loss."""
+    return [p for p in ((text[:labelled], None, True), (text[labelled:], None, False)) if p[0]]
+
+
+def render(
+    turns: list[Turn],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    image_tokens: int,
+    num_images: int,
+    generation: bool = False,
+    where: str = "conversation",
+) -> Rendered:
+    """Render `turns` to ids and labels.
+
+    Args:
+        turns: the conversation; for generation it must end with a user turn.
+        image_tokens: image-token positions per image (what the projector outputs).
+        num_images: images attached; the first `num_images` `<image>` placeholders in user turns
+            become image tokens, any others stay plain text.
+        generation: append the assistant header so the model continues with its answer.
+        where: the record's name, for error messages.
+    """
+    _check_roles(turns, generation, where)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    ids: list[int] = []
+    labels: list[int] = []
+    images_left = num_images
+    for text, turn, labelled in _segments(tokenizer, turns, generation, where):
+        if turn is None:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            allow = images_left if turns[turn].role == "user" else 0
+            piece, used = _content_ids(tokenizer, text, allow, image_id, image_tokens)
+            images_left -= used
+        ids += piece
+        labels += piece if labelled else [IGNORE] * len(piece)
+    if images_left:
+        raise RenderError(
+            f"{where}: {num_images} image(s) but only {num_images - images_left} {IMAGE_PLACEHOLDER} "
+            "placeholder(s) in user turns"
+        )
+    return Rendered(ids, labels, num_images)
+
+
+def _content_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, allow: int, image_id: int, image_tokens: int
+) -> tuple[list[int], int]:
+    """Tokenize message content as plain text, expanding up to `allow` image placeholders."""
+    parts = text.split(IMAGE_PLACEHOLDER, allow) if allow else [text]
+    ids: list[int] = []
+    for k, part in enumerate(parts):
+        if k:
+            ids += [image_id] * image_tokens
+        if part:
+            ids += tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids, len(parts) - 1
+
+
+def _check_roles(turns: list[Turn], generation: bool, where: str) -> None:
+    """user/assistant alternate after an optional leading system turn; the last speaker fits the use."""
+    body = turns[1:] if turns and turns[0].role == "system" else turns
+    if not body:
+        raise RenderError(f"{where}: no user turn")
+    for k, turn in enumerate(body):
+        expected = "user" if k % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise RenderError(f"{where}: turn {k} has role {turn.role!r}, expected {expected!r}")
+    last = body[-1].role
+    if generation and last != "user":
+        raise RenderError(f"{where}: generation needs the conversation to end with a user turn")
+    if not generation and last != "assistant":
+        raise RenderError(f"{where}: training needs the conversation to end with an assistant turn")

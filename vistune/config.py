@@ -1,0 +1,225 @@
+"""Typed configuration: small dataclasses validated on construction, loaded from YAML with CLI overrides.
+
+A run config is `Config(model=ModelConfig(vision, projector, llm), stages=[Stage, ...], ...)`.
+YAML mirrors the dataclasses field for field; `--set model.projector.name=linear` overrides one field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+# CNN towers use transformers' ResNetModel (kind "resnet"), not timm: timm hard-requires torchvision, and
+# PyPI's torchvision cannot import beside the CPU build of torch 2.13 that this project pins.
+VISION_KINDS = ("clip", "siglip", "resnet")
+STAGE_KINDS = ("vlm", "contrastive", "scene")
+TRAINABLE = ("vision", "projector", "llm", "lora")
+
+
+@dataclass
+class VisionConfig:
+    """A vision tower: a Hugging Face CLIP/SigLIP vision model or ResNet CNN, pretrained or from scratch.
+
+    `name_or_path` set: load pretrained weights (hub id or local directory, e.g. microsoft/resnet-18).
+    Unset: build the architecture from the size fields (for resnet: `resnet_depths` and
+    `resnet_widths`, basic blocks as in ResNet-18), randomly initialised. `weights`: a local
+    .safetensors state dict saved by vistune, loaded over the built tower.
+    """
+
+    kind: str = "clip"
+    name_or_path: str | None = None
+    resnet_depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # ResNet-18
+    resnet_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    weights: str | None = None
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 768
+    feature_layer: int = -1  # which hidden layer feeds the projector (-2 is LLaVA's choice)
+    use_cls: bool = False  # keep the CLS token (CLIP) in the image features
+
+    def __post_init__(self) -> None:
+        if self.kind not in VISION_KINDS:
+            raise ValueError(f"vision.kind {self.kind!r} is not one of {VISION_KINDS}")
+        if self.kind != "resnet" and self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision.hidden_size {self.hidden_size} is not divisible by num_heads")
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps vision features (B, N, Dv) to LLM embeddings (B, N', Dl)."""
+
+    name: str = "mlp2x_gelu"
+    shuffle_factor: int = 2  # pixel_shuffle: merge f x f neighbouring tokens into one
+    num_queries: int = 16  # resampler: learned queries
+
+
+@dataclass
+class LLMConfig:
+    """Any Hugging Face causal LM by hub id or local directory; `smollm2` is the embedded default."""
+
+    name_or_path: str = "smollm2"
+    chat_template: str | None = None  # override: "chatml" (no default system prompt) or a Jinja string
+    dtype: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
+
+
+@dataclass
+class ModelConfig:
+    """The three parts of a vision-language model."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+
+@dataclass
+class DataSpec:
+    """One dataset of a stage: a file (LLaVA JSON/JSONL, pairs JSONL, scenes JSONL) and its image root."""
+
+    path: str
+    image_root: str | None = None
+    limit: int | None = None  # use only the first N records
+
+
+@dataclass
+class Stage:
+    """One training stage: what data, which modules learn, and how long.
+
+    kind: `vlm` (next-token loss on assistant tokens), `contrastive` (image-text), or `scene`
+    (vision tower predicts the objects of a scene graph; no LLM).
+    train: trainable module sets among vision, projector, llm (full), lora (adapters on the LLM).
+    """
+
+    name: str
+    kind: str = "vlm"
+    data: list[DataSpec] = field(default_factory=list)
+    train: list[str] = field(default_factory=lambda: ["projector"])
+    lr: float = 1e-3
+    lr_vision: float | None = None  # defaults to lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    on_bad_record: str = "raise"  # raise | skip
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"stage {self.name!r}: kind {self.kind!r} is not one of {STAGE_KINDS}")
+        bad = [t for t in self.train if t not in TRAINABLE]
+        if bad:
+            raise ValueError(f"stage {self.name!r}: train has {bad}; valid names are {TRAINABLE}")
+        if "llm" in self.train and "lora" in self.train:
+            raise ValueError(f"stage {self.name!r}: choose llm (full) or lora, not both")
+        if self.on_bad_record not in ("raise", "skip"):
+            raise ValueError(f"stage {self.name!r}: on_bad_record must be raise or skip")
+        self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
+
+
+@dataclass
+class Config:
+    """A whole run: the model, its stages, and where outputs go."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[Stage] = field(default_factory=list)
+    out: str = "runs/default"
+    data_root: str = "."  # relative DataSpec paths and image roots resolve against this
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200  # optimizer steps between checkpoints
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        root = Path(self.data_root)
+        for stage in self.stages:
+            for spec in stage.data:
+                spec.path = str(root / spec.path)
+                spec.image_root = str(root / spec.image_root) if spec.image_root else None
+        self.data_root = "."  # resolved: saving and reloading the config must not apply it twice
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, as saved beside every checkpoint."""
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from nested dicts, naming the offending key on error."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        sub = f"{where}.{key}" if where else key
+        if get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
+            kwargs[key] = [_build(get_args(hint)[0], v, f"{sub}[{i}]") for i, v in enumerate(value)]
+        else:
+            kwargs[key] = _build(hint, value, sub) if dataclasses.is_dataclass(hint) else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where or 'config'}: {err}") from err
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a validated Config from a plain dict (as read from YAML or JSON)."""
+    return _build(Config, data, "")
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to nested dicts; list items by index: stages.0.lr=1."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} is not of the form key.path=value")
+    path, raw = override.split("=", 1)
+    keys = path.split(".")
+    node: Any = data
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    last = keys[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML (or JSON) config file and apply `key.path=value` overrides."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read config: {err}") from err
+    for override in overrides or []:
+        _apply_override(data, override)
+    try:
+        return config_from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as JSON (the form saved with checkpoints and runs)."""
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")

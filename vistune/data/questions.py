@@ -1,0 +1,404 @@
+"""Every text of the shapes world, derived from a scene graph alone.
+
+A scene is the dict written to `scenes/<split>.jsonl` (see `synth.py`): `objects` is a list of
+`{"color", "shape", "size", "x", "y", "radius", "rotation"}` with x, y the centre in pixels (y grows
+downward). From it we derive a short caption, a detailed description, single-turn VQA, multi-turn
+conversations, POPE existence probes and a class label.
+
+Questions are only asked when their answer is unique and exact: an object is referred to by the
+shortest description (shape, colour+shape, ...) that matches exactly one object, and a spatial relation
+is only asked when the centres differ by more than `SPATIAL_MARGIN` of the image side on that axis.
+Left/right compare x, above/below compare y (smaller y is above). `answer()` re-derives any answer from
+the scene and the question's `params`, independently of the question text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import product
+
+import numpy as np
+
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle", "star", "diamond")
+SIZES = ("small", "large")
+COMBOS = tuple(product(COLORS, SHAPES))  # every (color, shape) object kind, in a fixed order
+QUESTION_TYPES = ("color", "shape", "size", "count", "exists", "spatial")
+POPE_SETTINGS = ("random", "popular", "adversarial")
+LABELS = SHAPES  # classification labels: the majority shape
+SPATIAL_MARGIN = 0.1  # fraction of the image side two centres must differ by for a relation to be asked
+SHORT_ANSWER = "Answer the question using a single word or number."
+
+TEMPLATES = {
+    "color": (
+        "What color is the {a}?",
+        "What is the color of the {a}?",
+        "Which color does the {a} have?",
+        "Tell me the color of the {a}.",
+    ),
+    "shape": (
+        "What shape is the {a}?",
+        "What is the shape of the {a}?",
+        "Which shape is the {a}?",
+        "Name the shape of the {a}.",
+    ),
+    "size": (
+        "What size is the {a}?",
+        "Is the {a} small or large?",
+        "How big is the {a}?",
+        "Is the {a} large or small?",
+    ),
+    "count": (
+        "How many {p} are there?",
+        "How many {p} are in the image?",
+        "Count the {p}.",
+        "What is the number of {p} in the picture?",
+    ),
+    "exists": (
+        "Is there {n} in the picture?",
+        "Can you see {n}?",
+        "Does the image contain {n}?",
+        "Is there {n} anywhere in the image?",
+    ),
+    "left": (
+        "Is the {a} to the left of the {b}?",
+        "Is the {a} left of the {b}?",
+        "Is the {a} on the left side of the {b}?",
+    ),
+    "right": (
+        "Is the {a} to the right of the {b}?",
+        "Is the {a} right of the {b}?",
+        "Is the {a} on the right side of the {b}?",
+    ),
+    "above": ("Is the {a} above the {b}?", "Is the {a} higher up than the {b}?", "Is the {a} over the {b}?"),
+    "below": (
+        "Is the {a} below the {b}?",
+        "Is the {a} lower down than the {b}?",
+        "Is the {a} under the {b}?",
+    ),
+    "horizontal": (
+        "Which side of the {b} is the {a} on?",
+        "Is the {a} left or right of the {b}?",
+        "Is the {a} to the right or to the left of the {b}?",
+    ),
+    "vertical": (
+        "Is the {a} above or below the {b}?",
+        "Is the {a} below or above the {b}?",
+        "Relative to the {b}, is the {a} above or below?",
+    ),
+    "caption": (
+        "Describe the image briefly.",
+        "Write a short caption for this image.",
+        "What is in this picture? Answer briefly.",
+        "Give a one-line caption of the image.",
+    ),
+    "detailed": (
+        "Describe the image in detail.",
+        "Give a detailed description of this picture.",
+        "Describe every object in the image and where it is.",
+        "What do you see? Describe the objects, their positions and relations.",
+    ),
+}
+# Which attributes may name an object in each question type, shortest first (never the asked attribute).
+REFERENCES = {
+    "color": (("shape",), ("size", "shape")),
+    "shape": (("color",), ("size", "color")),
+    "size": (("shape",), ("color", "shape")),
+    "spatial": (("shape",), ("color", "shape"), ("size", "color", "shape")),
+}
+
+
+def pick(rng: np.random.Generator, options: Sequence):
+    """Choose one element of a sequence with the scene's RNG (works for tuples of tuples too)."""
+    return options[int(rng.integers(len(options)))]
+
+
+def find(scene: dict, target: dict) -> list[dict]:
+    """Objects of the scene whose attributes equal every key of `target`."""
+    return [o for o in scene["objects"] if all(o[k] == v for k, v in target.items())]
+
+
+def phrase(target: dict) -> str:
+    """Noun phrase for a target, e.g. {"size": "small", "color": "red"} -> 'small red object'."""
+    words = [target[k] for k in ("size", "color") if k in target]
+    return " ".join([*words, target.get("shape", "object")])
+
+
+def plural(target: dict) -> str:
+    """Plural noun phrase: {} -> 'objects', {"color": "red", "shape": "star"} -> 'red stars'."""
+    return phrase(target) + "s"
+
+
+def indefinite(text: str) -> str:
+    """Prefix 'a' or 'an'."""
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def combo_name(combo: Sequence[str]) -> str:
+    """'red star' for ('red', 'star')."""
+    return f"{combo[0]} {combo[1]}"
+
+
+def unique_reference(scene: dict, obj: dict, qtype: str) -> dict | None:
+    """Shortest target dict allowed for `qtype` that matches only `obj`, or None."""
+    for keys in REFERENCES[qtype]:
+        target = {k: obj[k] for k in keys}
+        if len(find(scene, target)) == 1:
+            return target
+    return None
+
+
+def _the_one(scene: dict, target: dict) -> dict:
+    found = find(scene, target)
+    if len(found) != 1:
+        raise ValueError(f"scene {scene.get('id')}: {target} matches {len(found)} objects, not exactly one")
+    return found[0]
+
+
+def _offset(scene: dict, params: dict, axis: str) -> float:
+    """a minus b along x or y; refuse when the relation would be ambiguous."""
+    a, b = _the_one(scene, params["a"]), _the_one(scene, params["b"])
+    delta = a[axis] - b[axis]
+    if abs(delta) <= SPATIAL_MARGIN * scene["width" if axis == "x" else "height"]:
+        raise ValueError(f"scene {scene.get('id')}: {params} is ambiguous (d{axis}={delta:.2f})")
+    return delta
+
+
+def answer(scene: dict, question_type: str, params: dict) -> str:
+    """Re-derive the exact short answer of a question from the scene graph and its params.
+
+    params by type: color/shape/size {"target": {...}}; count/exists {"filter": {...}};
+    spatial {"a": {...}, "b": {...}, "relation": left|right|above|below} (yes/no) or
+    {"a", "b", "axis": horizontal|vertical} (answers left/right or above/below).
+    Raises ValueError when the question has no unique exact answer.
+    """
+    if question_type in ("color", "shape", "size"):
+        return _the_one(scene, params["target"])[question_type]
+    if question_type == "count":
+        return str(len(find(scene, params["filter"])))
+    if question_type == "exists":
+        return "yes" if find(scene, params["filter"]) else "no"
+    if question_type == "spatial":
+        if "relation" in params:
+            relation = params["relation"]
+            delta = _offset(scene, params, "x" if relation in ("left", "right") else "y")
+            return "yes" if (delta < 0) == (relation in ("left", "above")) else "no"
+        if params["axis"] == "horizontal":
+            return "left" if _offset(scene, params, "x") < 0 else "right"
+        return "above" if _offset(scene, params, "y") < 0 else "below"
+    raise ValueError(f"unknown question type {question_type!r}; valid types are {QUESTION_TYPES}")
+
+
+def _attribute_question(scene: dict, qtype: str, rng: np.random.Generator) -> tuple[str, dict] | None:
+    order = rng.permutation(len(scene["objects"]))
+    for i in order:
+        target = unique_reference(scene, scene["objects"][i], qtype)
+        if target is not None:
+            return pick(rng, TEMPLATES[qtype]).format(a=phrase(target)), {"target": target}
+    return None
+
+
+def _random_filter(scene: dict, rng: np.random.Generator) -> dict:
+    """A filter for count/exists: half the time one describing a present object, else any."""
+    keys = pick(rng, (("shape",), ("color",), ("color", "shape"), ("size", "shape")))
+    if rng.random() < 0.5:
+        obj = scene["objects"][int(rng.integers(len(scene["objects"])))]
+        return {k: obj[k] for k in keys}
+    vocab = {"color": COLORS, "shape": SHAPES, "size": SIZES}
+    return {k: pick(rng, vocab[k]) for k in keys}
+
+
+def _count_question(scene: dict, rng: np.random.Generator) -> tuple[str, dict]:
+    target = {} if rng.random() < 0.2 else _random_filter(scene, rng)
+    return pick(rng, TEMPLATES["count"]).format(p=plural(target)), {"filter": target}
+
+
+def _exists_question(scene: dict, rng: np.random.Generator) -> tuple[str, dict]:
+    # Pick the answer first so yes and no are balanced, then a filter that gives it.
+    want = "yes" if rng.random() < 0.5 else "no"
+    target = _random_filter(scene, rng)
+    for _ in range(20):
+        if answer(scene, "exists", {"filter": target}) == want:
+            break
+        target = _random_filter(scene, rng)
+    return pick(rng, TEMPLATES["exists"]).format(n=indefinite(phrase(target))), {"filter": target}
+
+
+def _spatial_question(scene: dict, rng: np.random.Generator) -> tuple[str, dict] | None:
+    objs = scene["objects"]
+    pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs)) if i != j]
+    for k in rng.permutation(len(pairs)):
+        i, j = pairs[k]
+        a, b = unique_reference(scene, objs[i], "spatial"), unique_reference(scene, objs[j], "spatial")
+        if a is None or b is None:
+            continue
+        axes = [
+            ax
+            for ax, key, side in (("horizontal", "x", "width"), ("vertical", "y", "height"))
+            if abs(objs[i][key] - objs[j][key]) > SPATIAL_MARGIN * scene[side]
+        ]
+        if not axes:
+            continue
+        axis = pick(rng, axes)
+        if rng.random() < 0.5:
+            relation = pick(rng, ("left", "right") if axis == "horizontal" else ("above", "below"))
+            params = {"a": a, "b": b, "relation": relation}
+        else:
+            relation, params = axis, {"a": a, "b": b, "axis": axis}
+        return pick(rng, TEMPLATES[relation]).format(a=phrase(a), b=phrase(b)), params
+    return None
+
+
+def make_question(scene: dict, question_type: str, rng: np.random.Generator) -> tuple[str, dict] | None:
+    """A (question, params) of the given type with a unique exact answer, or None if none exists."""
+    if question_type in ("color", "shape", "size"):
+        return _attribute_question(scene, question_type, rng)
+    if question_type == "count":
+        return _count_question(scene, rng)
+    if question_type == "exists":
+        return _exists_question(scene, rng)
+    if question_type == "spatial":
+        return _spatial_question(scene, rng)
+    raise ValueError(f"unknown question type {question_type!r}; valid types are {QUESTION_TYPES}")
+
+
+def questions(scene: dict, rng: np.random.Generator, n: int) -> list[dict]:
+    """Up to n questions of distinct types, each {"question_type", "question", "params", "answer"}."""
+    out: list[dict] = []
+    for i in rng.permutation(len(QUESTION_TYPES)):
+        qtype = QUESTION_TYPES[i]
+        made = make_question(scene, qtype, rng)
+        if made is not None:
+            text, params = made
+            out.append(
+                {
+                    "question_type": qtype,
+                    "question": text,
+                    "params": params,
+                    "answer": answer(scene, qtype, params),
+                }
+            )
+        if len(out) == n:
+            break
+    return out
+
+
+def _left_to_right(scene: dict) -> list[dict]:
+    return sorted(scene["objects"], key=lambda o: (o["x"], o["y"]))
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def caption(scene: dict) -> str:
+    """Short caption listing the objects left to right: 'a small red star and a large blue circle'."""
+    return _join([indefinite(phrase(o)) for o in _left_to_right(scene)])
+
+
+def region(scene: dict, obj: dict) -> str:
+    """Where an object is, by thirds of the image: 'top left', 'center', 'bottom right', ..."""
+    col = ("left", "center", "right")[min(int(3 * obj["x"] / scene["width"]), 2)]
+    row = ("top", "middle", "bottom")[min(int(3 * obj["y"] / scene["height"]), 2)]
+    if row == "middle":
+        return "center" if col == "center" else f"middle {col}"
+    return f"{row} {col}" if col != "center" else row
+
+
+def detailed(scene: dict, rng: np.random.Generator) -> str:
+    """A detailed description: object count, each object's region, and left/right relations."""
+    objs = _left_to_right(scene)
+    n = len(objs)
+    opener = pick(
+        rng,
+        (
+            "There {v} {n} {o} on a light background.",
+            "The image shows {n} {o}.",
+            "This picture contains {n} {o} on a plain light background.",
+        ),
+    )
+    text = [opener.format(v="is" if n == 1 else "are", n=n, o="object" if n == 1 else "objects")]
+    for o in objs:
+        where = region(scene, o)
+        text.append(
+            f"{indefinite(phrase(o)).capitalize()} is {'in the' if where == 'center' else 'at the'} {where}."
+        )
+    margin = SPATIAL_MARGIN * scene["width"]
+    for a, b in zip(objs[:-1], objs[1:], strict=True):
+        full = ("size", "color", "shape")
+        same_kind = (
+            len(find(scene, {k: a[k] for k in full})) > 1 or len(find(scene, {k: b[k] for k in full})) > 1
+        )
+        if b["x"] - a["x"] > margin and not same_kind:
+            text.append(f"The {phrase(a)} is to the left of the {phrase(b)}.")
+    return " ".join(text)
+
+
+def class_label(scene: dict) -> str:
+    """The majority shape; a tie goes to the tied shape whose object is leftmost (smallest x, then y)."""
+    counts = {s: sum(o["shape"] == s for o in scene["objects"]) for s in SHAPES}
+    best = max(counts.values())
+    return next(o["shape"] for o in _left_to_right(scene) if counts[o["shape"]] == best)
+
+
+def classify_prompt() -> str:
+    """The classification question; it lists the candidate labels."""
+    return (
+        "Which shape appears most often in the image? If several are tied, choose the leftmost of them. "
+        f"Answer with one of: {', '.join(LABELS)}."
+    )
+
+
+def pope_probes(scene: dict, rng: np.random.Generator, stats: dict, k: int = 3) -> list[dict]:
+    """POPE existence probes: k positives and k negatives per setting, each {object, answer, setting}.
+
+    stats: {"frequency": {combo_name: images in train containing it},
+            "cooccurrence": {combo_name: {combo_name: train images containing both}}}.
+    random: negatives drawn uniformly from absent kinds; popular: the absent kinds most frequent in
+    train; adversarial: absent kinds sharing a colour or shape with a present one, ranked by how often
+    they co-occur with the present kinds in train (then the remaining absent kinds, same ranking).
+    Ties break by the fixed COMBOS order.
+    """
+    kinds = {(o["color"], o["shape"]) for o in scene["objects"]}
+    present = [c for c in COMBOS if c in kinds]
+    absent = [c for c in COMBOS if c not in present]
+    n = min(k, len(present), len(absent))
+    positives = [present[i] for i in rng.choice(len(present), n, replace=False)]
+    freq, cooc = stats["frequency"], stats["cooccurrence"]
+
+    def co(c: tuple) -> int:
+        return sum(cooc.get(combo_name(c), {}).get(combo_name(p), 0) for p in present)
+
+    negatives = {
+        "random": [absent[i] for i in rng.choice(len(absent), n, replace=False)],
+        "popular": sorted(absent, key=lambda c: -freq.get(combo_name(c), 0))[:n],
+        "adversarial": sorted(
+            absent, key=lambda c: (not any(c[0] == p[0] or c[1] == p[1] for p in present), -co(c))
+        )[:n],
+    }
+    probes = []
+    for setting in POPE_SETTINGS:
+        items = [(c, "yes") for c in positives] + [(c, "no") for c in negatives[setting]]
+        for i in rng.permutation(len(items)):
+            probes.append({"object": combo_name(items[i][0]), "answer": items[i][1], "setting": setting})
+    return probes
+
+
+def pope_question(obj: str) -> str:
+    """The POPE probe text."""
+    return f"Is there {indefinite(obj)} in the image?"
+
+
+def pope_stats(scenes: Sequence[dict]) -> dict:
+    """Per-kind image frequency and pairwise co-occurrence counts over (training) scenes."""
+    freq: dict[str, int] = {}
+    cooc: dict[str, dict[str, int]] = {}
+    for scene in scenes:
+        kinds = sorted({combo_name((o["color"], o["shape"])) for o in scene["objects"]})
+        for a in kinds:
+            freq[a] = freq.get(a, 0) + 1
+            row = cooc.setdefault(a, {})
+            for b in kinds:
+                if b != a:
+                    row[b] = row.get(b, 0) + 1
+    return {"frequency": freq, "cooccurrence": cooc}

@@ -1,0 +1,242 @@
+"""Check a dataset before training: every record's structure, text and images, reported by kind.
+
+`validate(path, image_root)` reads a file with `load_records`, checks each record with
+`check_record`, and returns a `Report` (problems grouped by kind with record ids). `ensure_valid` is
+the per-record gate training calls: raise a DataError naming the file and record, or skip and count.
+Images are probed, not decoded, where the format allows (see `images.check_image`), and each image
+file is checked once per run however many records share it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from vistune.data.images import DEFAULT_MAX_PIXELS, ImageError, check_image
+from vistune.data.llava import DataError, load_records
+from vistune.data.records import IMAGE_PLACEHOLDER, ROLES, Record
+
+PROBLEM_KINDS = (
+    "bad file",
+    "bad json",
+    "bad record",
+    "missing image",
+    "unreadable image",
+    "truncated image",
+    "zero-byte image",
+    "too-large image",
+    "placeholder mismatch",
+    "bad role",
+    "empty turn",
+    "non-UTF-8 text",
+    "path escapes root",
+)
+ON_BAD = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: its kind (one of PROBLEM_KINDS), the record id (None: the whole file), details."""
+
+    kind: str
+    record: str | None
+    detail: str
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _role_problems(record: Record) -> list[str]:
+    """Unknown roles, system turns after the first, not starting with user, not alternating."""
+    out = [f"turn {i}: unknown role {t.role!r}" for i, t in enumerate(record.turns) if t.role not in ROLES]
+    if out:
+        return out
+    roles = [t.role for t in record.turns]
+    if "system" in roles[1:]:
+        out.append(f"turn {roles.index('system', 1)}: a system turn may only come first")
+    body = roles[1:] if roles[:1] == ["system"] else roles
+    if not body or body[0] != "user":
+        out.append("the conversation must start with a user turn (after an optional system turn)")
+    for i, (a, b) in enumerate(zip(body[:-1], body[1:], strict=True)):
+        if a == b and a != "system":
+            out.append(f"two {a} turns in a row (turn {i + 1 + (len(roles) - len(body))})")
+            break
+    return out
+
+
+def escapes_root(image: str) -> bool:
+    """True for absolute paths or paths with '..' parts (POSIX or Windows spelling)."""
+    posix, win = PurePosixPath(image), PureWindowsPath(image)
+    return (
+        posix.is_absolute()
+        or win.is_absolute()
+        or bool(win.drive)
+        or ".." in posix.parts
+        or ".." in win.parts
+    )
+
+
+def _image_problems(record: Record, image_root: Path, max_pixels: int, cache: dict) -> list[Problem]:
+    problems = []
+    for image in record.images:
+        if escapes_root(image):
+            problems.append(
+                Problem("path escapes root", record.id, f"{image!r} is not inside the image root")
+            )
+            continue
+        path = image_root / image
+        if path not in cache:
+            try:
+                check_image(path, max_pixels)
+                cache[path] = None
+            except ImageError as e:
+                cache[path] = (e.kind, str(e))
+        if cache[path] is not None:
+            problems.append(Problem(cache[path][0], record.id, cache[path][1]))
+    return problems
+
+
+def check_record(
+    record: Record,
+    image_root: str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    check_images: bool = True,
+    cache: dict | None = None,
+) -> list[Problem]:
+    """Every problem of one record: roles, empty turns, text encoding, placeholders, image paths and files.
+
+    Args:
+        record: the record to check.
+        image_root: the folder its image paths are relative to.
+        max_pixels: images with more pixels are 'too-large image'.
+        check_images: also open each image file (header, size, truncation).
+        cache: optional {path: result} shared across calls so each image is probed once.
+    """
+    rid = record.id
+    problems = [Problem("bad role", rid, d) for d in _role_problems(record)]
+    problems += [
+        Problem("empty turn", rid, f"turn {i} ({t.role}) has no text")
+        for i, t in enumerate(record.turns)
+        if not t.content.strip()
+    ]
+    texts = [rid, *record.images, *(t.content for t in record.turns)]
+    if any(_has_surrogates(t) for t in texts):
+        problems.append(Problem("non-UTF-8 text", rid, "a string holds bytes that are not UTF-8"))
+    placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns)
+    if placeholders != len(record.images):
+        problems.append(
+            Problem(
+                "placeholder mismatch",
+                rid,
+                f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(record.images)} image(s)",
+            )
+        )
+    if check_images:
+        problems += _image_problems(record, Path(image_root), max_pixels, {} if cache is None else cache)
+    return problems
+
+
+def ensure_valid(
+    record: Record,
+    image_root: str | Path,
+    on_bad: str = "raise",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    check_images: bool = True,
+) -> bool:
+    """Gate one record for training: True if valid; else raise DataError (on_bad='raise') or return False.
+
+    With on_bad='skip' the caller counts the False results and reports them; nothing is dropped silently.
+    """
+    if on_bad not in ON_BAD:
+        raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
+    problems = check_record(record, image_root, max_pixels, check_images)
+    if not problems:
+        return True
+    if on_bad == "skip":
+        return False
+    detail = "; ".join(f"{p.kind}: {p.detail}" for p in problems)
+    raise DataError(f"{record.where()}: {detail}", kind=problems[0].kind, record=record.id)
+
+
+@dataclass
+class Report:
+    """The result of validating one file."""
+
+    path: str
+    image_root: str
+    records: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def by_kind(self) -> dict[str, list[Problem]]:
+        """Problems grouped by kind, in PROBLEM_KINDS order."""
+        groups: dict[str, list[Problem]] = {}
+        for p in sorted(
+            self.problems, key=lambda p: PROBLEM_KINDS.index(p.kind) if p.kind in PROBLEM_KINDS else 99
+        ):
+            groups.setdefault(p.kind, []).append(p)
+        return groups
+
+    def format(self, show: int = 5) -> str:
+        """A readable report: totals, then per kind the count, record ids and the first details."""
+        bad = len({p.record for p in self.problems})
+        lines = [
+            f"{self.path} (images under {self.image_root}): {self.records} records checked in "
+            f"{self.seconds:.2f} s, {len(self.problems)} problem(s) in {bad} record(s)"
+        ]
+        for kind, items in self.by_kind().items():
+            ids = [str(p.record) for p in items if p.record is not None]
+            more = f" ... and {len(ids) - 20} more" if len(ids) > 20 else ""
+            lines.append(f"  {kind} ({len(items)}): {', '.join(ids[:20])}{more}")
+            lines += [f"    - {p.detail}" for p in items[:show]]
+        lines.append("OK" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+def validate(
+    path: str | Path, image_root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Report:
+    """Check every record of a file (or ImageFolder); file-level problems are reported with record None."""
+    start = time.perf_counter()
+    try:
+        records = load_records(path, image_root)
+    except DataError as e:
+        return Report(str(path), str(image_root), 0, [Problem(e.kind, None, str(e))])
+    report = Report(str(path), str(records.image_root), len(records))
+    cache: dict = {}
+    for i in range(len(records)):
+        try:
+            record = records[i]
+        except DataError as e:
+            report.problems.append(Problem(e.kind, e.record or f"#{i}", str(e)))
+            continue
+        report.problems += check_record(record, records.image_root, max_pixels, cache=cache)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def main_validate(argv: list[str] | None = None) -> int:
+    """`vistune data validate`: check a dataset file; exit 1 when any problem is found."""
+    p = argparse.ArgumentParser(prog="vistune data validate", description=main_validate.__doc__)
+    p.add_argument("file", help="LLaVA .json/.jsonl, pairs .jsonl, or an ImageFolder directory")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the file's folder)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"largest image allowed, in pixels (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument("--show", type=int, default=5, help="details shown per problem kind")
+    args = p.parse_args(argv)
+    report = validate(args.file, args.image_root, args.max_pixels)
+    print(report.format(args.show))
+    if report.records and report.seconds:
+        print(f"{report.records / report.seconds:.0f} records/s")
+    return 0 if report.ok else 1

@@ -1,0 +1,162 @@
+"""Benchmark files -> Records: VQAv2, GQA, POPE, TextVQA and LLaVA-format single-turn files.
+
+Each loader builds a one-turn user prompt ("<image>\\nQUESTION\\n<suffix>") and keeps the references in
+`Record.meta`: `answers` (all human answers), `answer` (the main one), `question_type` and, for POPE,
+`pope_setting`. Image paths are relative to the benchmark's image root. Malformed entries raise a
+ValueError naming the file, entry and field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from vistune.data.records import IMAGE_PLACEHOLDER, Record, Turn
+
+# LLaVA-1.5's evaluation prompt for short-answer benchmarks.
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+FORMATS = ("llava", "vqav2", "gqa", "pope", "textvqa")
+# meta key of a stand-in Record for an entry that could not be read.
+LOAD_ERROR = "load_error"
+
+
+def _read_json(path: str | Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON: {e}") from e
+
+
+def _field(entry: dict, key: str, path, entry_id):
+    if key not in entry:
+        raise ValueError(f"{path} entry {entry_id!r}: missing field {key!r}")
+    return entry[key]
+
+
+def _question_record(rid, image: str, question: str, meta: dict, source) -> Record:
+    prompt = f"{IMAGE_PLACEHOLDER}\n{question}\n{SHORT_ANSWER}"
+    return Record(id=str(rid), images=[image], turns=[Turn("user", prompt)], meta=meta, source=str(source))
+
+
+def load_vqav2(questions: str | Path, annotations: str | Path | None = None) -> list[Record]:
+    """VQAv2 questions JSON (+ annotations JSON with the 10 human answers and question_type).
+
+    Images are named as in COCO: `{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg`. Without
+    annotations the records carry no references (useful only for generating predictions).
+    """
+    qdata = _read_json(questions)
+    subtype = qdata.get("data_subtype", "val2014")
+    anns = {}
+    if annotations is not None:
+        for a in _field(_read_json(annotations), "annotations", annotations, "<root>"):
+            anns[_field(a, "question_id", annotations, "?")] = a
+    records = []
+    for q in _field(qdata, "questions", questions, "<root>"):
+        qid = _field(q, "question_id", questions, "?")
+        meta: dict = {}
+        if annotations is not None:
+            if qid not in anns:
+                raise ValueError(f"{annotations}: no annotation for question_id {qid}")
+            a = anns[qid]
+            meta = {
+                "answers": [x["answer"] for x in _field(a, "answers", annotations, qid)],
+                "answer": a.get("multiple_choice_answer", ""),
+                "question_type": a.get("question_type", "unknown"),
+                "answer_type": a.get("answer_type", "unknown"),
+            }
+        image = f"{subtype}/COCO_{subtype}_{int(_field(q, 'image_id', questions, qid)):012d}.jpg"
+        records.append(_question_record(qid, image, _field(q, "question", questions, qid), meta, questions))
+    return records
+
+
+def load_gqa(path: str | Path) -> list[Record]:
+    """GQA balanced questions JSON: {question_id: {imageId, question, answer, types: {structural}}}.
+
+    Images are `{imageId}.jpg`; question_type is the structural type (query, verify, logical, choose,
+    compare), 'unknown' when absent.
+    """
+    data = _read_json(path)
+    records = []
+    for qid, q in data.items():
+        answer = _field(q, "answer", path, qid)
+        qtype = (q.get("types") or {}).get("structural", "unknown")
+        meta = {"answers": [answer], "answer": answer, "question_type": qtype}
+        image = f"{_field(q, 'imageId', path, qid)}.jpg"
+        records.append(_question_record(qid, image, _field(q, "question", path, qid), meta, path))
+    return records
+
+
+def load_pope(path: str | Path, setting: str | None = None) -> list[Record]:
+    """POPE JSONL: one {question_id, image, text, label} per line.
+
+    The setting (random/popular/adversarial) is `setting`, else read from the file name
+    (coco_pope_random.json), else the entry's 'category' field, else 'unknown'.
+    """
+    path = Path(path)
+    if setting is None:
+        setting = next((s for s in ("random", "popular", "adversarial") if s in path.name), None)
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not JSON: {e}") from e
+        qid = _field(q, "question_id", path, f"line {n}")
+        label = str(_field(q, "label", path, qid)).strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"{path} entry {qid!r}: field 'label' must be yes/no, got {label!r}")
+        meta = {"answers": [label], "answer": label, "pope_setting": setting or q.get("category", "unknown")}
+        records.append(
+            _question_record(qid, _field(q, "image", path, qid), _field(q, "text", path, qid), meta, path)
+        )
+    return records
+
+
+def load_textvqa(path: str | Path) -> list[Record]:
+    """TextVQA JSON: {"data": [{question_id, image_id, question, answers: [10 strings]}]}; images are
+    `{image_id}.jpg`."""
+    records = []
+    for q in _field(_read_json(path), "data", path, "<root>"):
+        qid = _field(q, "question_id", path, "?")
+        answers = list(q.get("answers") or [])
+        meta = {"answers": answers, "answer": answers[0] if answers else "", "question_type": "text"}
+        image = f"{_field(q, 'image_id', path, qid)}.jpg"
+        records.append(_question_record(qid, image, _field(q, "question", path, qid), meta, path))
+    return records
+
+
+def load_llava(path: str | Path) -> list[Record]:
+    """LLaVA JSON/JSONL (or an ImageFolder) through `vistune.data.llava.load_records`; extra fields land
+    in meta. A malformed record does not stop the load: it becomes a stand-in Record whose
+    meta[LOAD_ERROR] holds the error, so the runner reports it as a failed row."""
+    from vistune.data.llava import load_records
+
+    recordset = load_records(str(path))
+    records = []
+    for i in range(len(recordset)):
+        try:
+            records.append(recordset[i])
+        except ValueError as e:  # DataError names the file, record and field
+            raw = recordset.raw(i)
+            rid = str(raw.get("id", f"#{i}")) if isinstance(raw, dict) else f"#{i}"
+            records.append(Record(id=rid, images=[], turns=[], meta={LOAD_ERROR: str(e)}, source=str(path)))
+    return records
+
+
+def load_eval_records(fmt: str, path: str | Path, annotations: str | Path | None = None) -> list[Record]:
+    """Load a benchmark file by format name: one of FORMATS."""
+    loaders: dict[str, Callable[[], list[Record]]] = {
+        "llava": lambda: load_llava(path),
+        "vqav2": lambda: load_vqav2(path, annotations),
+        "gqa": lambda: load_gqa(path),
+        "pope": lambda: load_pope(path),
+        "textvqa": lambda: load_textvqa(path),
+    }
+    if fmt not in loaders:
+        raise ValueError(f"unknown eval data format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if annotations is not None and fmt != "vqav2":
+        raise ValueError(f"--annotations is only used with --format vqav2, not {fmt!r}")
+    return loaders[fmt]()

@@ -1,0 +1,247 @@
+"""Evaluation outputs: predictions.jsonl, metrics.json, report.md and the PNGs it links.
+
+The report shows, not only tells: a grid of sample images with the question, the model's answer and
+the reference, framed green (right), red (wrong) or grey (scored, not right/wrong: captions), a
+confusion matrix for classification, and every failed record with its error.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vistune.eval.tasks import get_task
+
+ROW_KEYS = ("id", "task", "prompt", "answer", "references", "images", "meta", "error", "correct", "score")
+MAX_LISTED_FAILURES = 50
+
+
+def write_predictions(rows: Sequence[dict], path: str | Path) -> Path:
+    """One JSON object per row (id, prompt, answer, references, correct, score, ...)."""
+    path = Path(path)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """Rows written by `write_predictions`; raises ValueError naming the line and the missing field."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not JSON: {e}") from e
+        missing = [k for k in ("id", "answer", "references") if k not in row]
+        if missing:
+            raise ValueError(f"{path} line {n} (id {row.get('id')!r}): missing field(s) {missing}")
+        row.setdefault("meta", {})
+        row.setdefault("images", [])
+        row.setdefault("error", None)
+        rows.append(row)
+    return rows
+
+
+def write_json(obj, path: str | Path) -> Path:
+    """Pretty JSON; numpy scalars become floats."""
+    path = Path(path)
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    return path
+
+
+def lookup(metrics: dict, dotted: str):
+    """metrics['a']['b'] for 'a.b'; None when absent."""
+    value = metrics
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def _pick_samples(rows: Sequence[dict], n: int) -> list[dict]:
+    """Up to n rows with images, spread evenly over the file (deterministic)."""
+    with_images = [r for r in rows if r.get("images")]
+    if len(with_images) <= n:
+        return with_images
+    step = len(with_images) / n
+    return [with_images[int(i * step)] for i in range(n)]
+
+
+def sample_grid(
+    rows: Sequence[dict],
+    image_root: str | Path | None,
+    path: str | Path,
+    image_loader: Callable[[str], object] | None = None,
+    n: int = 16,
+    cols: int = 4,
+) -> Path | None:
+    """A PNG grid of sample records: image, Q/A/reference text, green/red/grey frame. None when no row
+    has an image. Images that fail to load are drawn as a grey tile with the error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = _pick_samples(rows, n)
+    if not samples:
+        return None
+    if image_loader is None:
+        from vistune.data.images import load_image as image_loader
+    nrows = (len(samples) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, samples, strict=False):
+        _draw_sample(ax, row, image_root, image_loader)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _draw_sample(ax, row: dict, image_root, image_loader) -> None:
+    image_path = Path(image_root or ".") / row["images"][0]
+    try:
+        ax.imshow(image_loader(str(image_path)))
+    except Exception as e:  # noqa: BLE001 - any unreadable image is shown, not fatal, in a report
+        ax.text(0.5, 0.5, textwrap.fill(str(e), 30), ha="center", va="center", fontsize=7, wrap=True)
+    color = {True: "green", False: "red"}.get(row.get("correct"), "grey")
+    ax.axis("on")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color(color)
+        spine.set_linewidth(5)
+    question = row.get("prompt", "").replace("<image>", "").strip()
+    refs = row.get("references") or ["?"]
+    answer = row.get("error") or row.get("answer", "")
+    score = "" if row.get("score") is None else f"  (score {row['score']:.2f})"
+    text = "\n".join(
+        [
+            textwrap.shorten(f"Q: {question}", 90),
+            textwrap.shorten(f"A: {answer}", 90) + score,
+            textwrap.shorten(f"ref: {refs[0]}", 90),
+        ]
+    )
+    ax.set_xlabel("\n".join(textwrap.fill(line, 38) for line in text.split("\n")), fontsize=7, color=color)
+    ax.set_title(str(row["id"])[:40], fontsize=7)
+
+
+def _detail_tables(task: str, metrics: dict) -> list[str]:
+    """Per-group tables: question types (vqa, text), POPE settings, classes (classify)."""
+    lines: list[str] = []
+    if "by_question_type" in metrics:
+        groups = metrics["by_question_type"]
+        lines += ["", "## By question type", ""]
+        lines += _table(["type", "accuracy", "n"], [(g, v["accuracy"], v["n"]) for g, v in groups.items()])
+    if task == "pope":
+        keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "invalid", "n")
+        settings = [k for k, v in metrics.items() if isinstance(v, dict) and "tp" in v]
+        lines += ["", "## By POPE setting", ""]
+        lines += _table(["setting", *keys], [(s, *(metrics[s][k] for k in keys)) for s in settings])
+    if task == "classify":
+        per = metrics["per_class"]
+        lines += ["", "## Per class", ""]
+        lines += _table(
+            ["label", "precision", "recall", "f1", "support"],
+            [(lab, v["precision"], v["recall"], v["f1"], v["support"]) for lab, v in per.items()],
+        )
+    return lines
+
+
+def write_report(
+    out_dir: str | Path,
+    task: str,
+    metrics: dict,
+    rows: Sequence[dict],
+    image_root: str | Path | None = None,
+    info: dict | None = None,
+    image_loader: Callable[[str], object] | None = None,
+) -> Path:
+    """Write metrics.json, report.md, grid.png (records with images) and confusion.png (classify)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(metrics, out / "metrics.json")
+    lines = [f"# Evaluation: {task}", ""]
+    lines += [f"- {k}: {v}" for k, v in (info or {}).items()]
+    scalars = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    head = [(k, lookup(metrics, k)) for k in get_task(task).headline if "." in k]
+    lines += ["", "## Metrics", ""] + _table(["metric", "value"], head + scalars)
+    for note in metrics.get("notes", []):
+        lines.append(f"\nNote: {note}")
+    lines += _detail_tables(task, metrics)
+    if task == "classify":
+        from vistune.eval.metrics import save_confusion_png
+
+        save_confusion_png(metrics["confusion"], out / "confusion.png", title=f"{task}: confusion matrix")
+        lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion.png)"]
+    grid = sample_grid(rows, image_root, out / "grid.png", image_loader=image_loader)
+    lines += ["", "## Samples", ""]
+    lines.append(
+        "![samples: green right, red wrong, grey scored](grid.png)" if grid else "(no images in this task)"
+    )
+    lines += _failure_lines(rows)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _failure_lines(rows: Sequence[dict]) -> list[str]:
+    failed = [r for r in rows if r.get("error")]
+    lines = ["", f"## Failures ({len(failed)})", ""]
+    if not failed:
+        return lines + ["None."]
+    lines += [f"- `{r['id']}`: {r['error']}" for r in failed[:MAX_LISTED_FAILURES]]
+    if len(failed) > MAX_LISTED_FAILURES:
+        lines.append(f"- ... and {len(failed) - MAX_LISTED_FAILURES} more (all in predictions.jsonl)")
+    return lines
+
+
+def suite_table(results: dict) -> str:
+    """A markdown table: one row per task and headline metric, one column per split."""
+    splits = [s for s in results if s != "text"]
+    tasks = sorted({t for s in splits for t in results[s]})
+    rows = []
+    for task in tasks:
+        for key in get_task(task).headline:
+            rows.append((task, key, *(lookup(results[s].get(task, {}), key) for s in splits)))
+    lines = _table(["task", "metric", *splits], rows)
+    if "text" in results:  # one built-in set, the same for every split
+        lines.append(f"\ntext retention set (split-independent): accuracy {results['text']['accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+def write_suite_report(out_dir: str | Path, results: dict, info: dict | None = None) -> Path:
+    """Top-level metrics.json and report.md comparing splits, linking each task's own report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(results, out / "metrics.json")
+    lines = ["# Evaluation suite: shapes world", ""]
+    lines += [f"- {k}: {v}" for k, v in (info or {}).items()]
+    lines += ["", suite_table(results), "", "## Per-task reports", ""]
+    for split, tasks in results.items():
+        if split == "text":
+            lines.append("- text (split-independent): [report](text/report.md)")
+            continue
+        lines += [f"- {split} / {task}: [report]({split}/{task}/report.md)" for task in tasks]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
