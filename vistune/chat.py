@@ -87,6 +87,22 @@ def _segments(
     return pieces
 
 
+def _faithful_segments(
+    tokenizer: PreTrainedTokenizerBase, turns: list[Turn], generation: bool, where: str
+) -> list[tuple[str, int | None, bool]]:
+    """`_segments`, checked against the template rendered with the real contents.
+
+    Templates that transform contents (Llama-3's `content | trim`) would otherwise be trained on text
+    they never produce; trimming is replayed here, any other change is an error.
+    """
+    real = _template(tokenizer, [{"role": t.role, "content": t.content} for t in turns], generation)
+    for attempt in (turns, [Turn(t.role, t.content.strip()) for t in turns]):
+        pieces = _segments(tokenizer, attempt, generation, where)
+        if "".join(p[0] for p in pieces) == real:
+            return pieces
+    raise RenderError(f"{where}: the chat template changes message contents (beyond trimming); cannot mask")
+
+
 def _template_piece(text: str, labelled: int) -> list[tuple[str, int | None, bool]]:
     """Template text; its first `labelled` characters close an assistant turn and carry loss."""
     return [p for p in ((text[:labelled], None, True), (text[labelled:], None, False)) if p[0]]
@@ -112,11 +128,12 @@ def render(
         where: the record's name, for error messages.
     """
     _check_roles(turns, generation, where)
+    segments = _faithful_segments(tokenizer, turns, generation, where)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     ids: list[int] = []
     labels: list[int] = []
     images_left = num_images
-    for text, turn, labelled in _segments(tokenizer, turns, generation, where):
+    for text, turn, labelled in segments:
         if turn is None:
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:

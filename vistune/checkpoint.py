@@ -3,8 +3,8 @@
 A checkpoint is a directory `step-XXXXXXXX` holding the model weights, the optimizer's tensors
 (safetensors) and everything else (optimizer hyper-parameters, scheduler, RNG states, data position) as
 JSON. It is written under a temporary name, renamed into place, and only then marked COMPLETE: a run
-killed at any moment leaves the previous complete checkpoint untouched, and unmarked directories are
-ignored (and cleaned up) on resume.
+killed at any moment leaves the previous complete checkpoint untouched; unmarked directories are
+ignored, and removed by the next save. Checkpoints are ordered by the numbers in their names.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,8 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Write checkpoint `run_dir/checkpoints/<step_name>` atomically, then rotate old ones."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name
@@ -108,8 +111,17 @@ def _write_marker(path: Path) -> None:
 
 
 def _rotate(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of interrupted saves."""
     for old in complete_checkpoints(root.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    for path in root.iterdir():
+        if path.is_dir() and not (path / COMPLETE).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _order(path: Path) -> list:
+    """Sort key: numbers in the name compare as numbers (stage10 after stage9)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -117,7 +129,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+    return sorted((p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file()), key=_order)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -129,6 +130,9 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: choose llm (full) or lora, not both")
         if self.on_bad_record not in ("raise", "skip"):
             raise ValueError(f"stage {self.name!r}: on_bad_record must be raise or skip")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage {self.name!r}: {name} must be at least 1")
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
 
 
@@ -146,6 +150,9 @@ class Config:
     keep_last: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("log_every", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         root = Path(self.data_root)
         for stage in self.stages:
             for spec in stage.data:
@@ -163,7 +170,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if not dataclasses.is_dataclass(cls):
         return data
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -174,13 +181,40 @@ def _build(cls: type, data: Any, where: str) -> Any:
         hint = hints[key]
         sub = f"{where}.{key}" if where else key
         if get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
+            if not isinstance(value, list):
+                raise ValueError(f"{sub}: expected a list, got {type(value).__name__}")
             kwargs[key] = [_build(get_args(hint)[0], v, f"{sub}[{i}]") for i, v in enumerate(value)]
+        elif dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, sub)
         else:
-            kwargs[key] = _build(hint, value, sub) if dataclasses.is_dataclass(hint) else value
+            kwargs[key] = _check_value(hint, value, sub)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where or 'config'}: {err}") from err
+
+
+def _check_value(hint: Any, value: Any, where: str) -> Any:
+    """Check a plain field against its type hint, naming the field on error.
+
+    Float fields also take ints and numeric strings: YAML 1.1 reads `1e-3` (no dot) as a string.
+    """
+    options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if get_origin(option) is list and isinstance(value, list):
+            return [_check_value(get_args(option)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if option in (int, str, bool) and isinstance(value, option):
+            if option is int and isinstance(value, bool):  # bool is an int subclass; `seed: true` is wrong
+                continue
+            return value
+    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -195,14 +229,16 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     path, raw = override.split("=", 1)
     keys = path.split(".")
     node: Any = data
-    for key in keys[:-1]:
-        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-    last = keys[-1]
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+    try:
+        value = yaml.safe_load(raw)
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        if isinstance(node, list):
+            node[int(keys[-1])] = value
+        else:
+            node[keys[-1]] = value
+    except (IndexError, ValueError, TypeError, AttributeError, yaml.YAMLError) as err:
+        raise ValueError(f"override {override!r}: {path} does not name a field ({err})") from err
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -105,15 +105,26 @@ class ContrastiveModel(nn.Module):
         # Initial temperatures from the papers: CLIP 1/0.07; SigLIP scale 10 and bias -10.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07 if loss == "clip" else 10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if loss == "siglip" else None
+        self.text_cache: dict[str, torch.Tensor] | None = None  # set to {} to memoise a locked text tower
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, E) unit vectors."""
         pooled = self.vision(pixel_values).mean(dim=1)  # (B, N, Dv) -> (B, Dv)
         return F.normalize(self.image_proj(pooled), dim=-1)
 
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """(B, Dt) pooled text-tower features; memoised per text when `text_cache` is a dict (LiT)."""
+        if self.text_cache is None:
+            return self.text.encode(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self.text_cache]
+        if missing:
+            with torch.no_grad():
+                self.text_cache.update(zip(missing, self.text.encode(missing), strict=True))
+        return torch.stack([self.text_cache[t] for t in texts])
+
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
         """(B,) texts -> (B, E) unit vectors."""
-        return F.normalize(self.text_proj(self.text.encode(texts)), dim=-1)
+        return F.normalize(self.text_proj(self.text_features(texts)), dim=-1)
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:

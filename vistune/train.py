@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -33,7 +33,13 @@ MAX_BAD_STEPS = 3
 def train(cfg: Config, resume: bool = False) -> Path:
     """Run every stage of `cfg`; return the directory of the final model (loadable by chat/eval)."""
     run_dir = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision="bf16" if _bf16_ok() else "no")
+    # cpu=True is what makes accelerate set up gloo when torchrun starts several CPU processes. Some
+    # trainable parameters can be unused by a stage's loss (CLIP's pooler in the scene stage): tell DDP.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision="bf16" if _bf16_ok() else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

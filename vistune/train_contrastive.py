@@ -12,7 +12,8 @@ gradient caching runs several forwards per step).
 
 Stage fields used: lr, lr_vision, weight_decay, warmup_ratio, epochs / max_steps, batch_size,
 max_grad_norm, max_length, and `train` read as: vision = vision tower, projector = projections and
-temperature, llm = the text tower (leave it out for LiT, a locked text tower).
+temperature, llm = the text tower (leave it out for LiT, a locked text tower). Locked towers run in eval
+mode, and a locked text tower's features are computed once per distinct caption and kept in memory.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def set_trainable(model: ContrastiveModel, train: Sequence[str]) -> list[nn.Para
             raise ValueError(f"contrastive stage: train {name!r} is not one of {sorted(parts)}")
         for module in parts[name]:
             module.requires_grad_(True)
+    for name, module in (("vision", model.vision), ("llm", model.text)):
+        module.train(name in train)  # a locked tower runs in eval mode: no dropout, fixed BatchNorm
     if "projector" in train:  # the temperature (and SigLIP bias) learn with the heads
         model.logit_scale.requires_grad_(True)
         if model.logit_bias is not None:
@@ -216,8 +219,10 @@ def train_contrastive(
     _check_stage(stage, len(records), accelerator.num_processes)
     set_seed(seed)
     out = Path(out_dir)
-    params = set_trainable(model, stage.train)
     model.to(accelerator.device).train()
+    params = set_trainable(model, stage.train)
+    # A locked text tower in eval mode maps each caption to a fixed vector: compute it once.
+    model.text_cache = None if "llm" in stage.train else {}
     model.text.max_length = stage.max_length
     data = PairData(records, image_root, model.vision.preprocess)
     loader = torch.utils.data.DataLoader(
@@ -249,7 +254,7 @@ def train_contrastive(
             "step": step + 1,
             "loss": loss,
             "lr": scheduler.get_last_lr()[0],
-            "scale": float(model.scale()),
+            "scale": model.scale().item(),
             "samples_per_s": len(texts) * accelerator.num_processes / seconds,
         }
         log.write(row)
@@ -257,6 +262,7 @@ def train_contrastive(
         if step % log_every == 0 or step + 1 == steps:
             bar.set_postfix(loss=f"{loss:.4f}", scale=f"{row['scale']:.1f}")
     bar.close()
+    model.text_cache = None
     if accelerator.is_main_process:
         save_contrastive(model, out, extra={"stage": asdict(stage), "seed": seed})
     accelerator.wait_for_everyone()

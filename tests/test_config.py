@@ -1,0 +1,140 @@
+"""Config: YAML with overrides, errors that name the dotted field path, validation, data_root, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vistune.config import Config, DataSpec, Stage, VisionConfig, config_from_dict, load_config, save_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RAW = {
+    "out": "runs/x",
+    "data_root": "data",
+    "model": {"vision": {"kind": "clip", "image_size": 32, "patch_size": 8}, "projector": {"name": "linear"}},
+    "stages": [
+        {"name": "align", "data": [{"path": "a.json", "image_root": "img"}], "lr": 0.002},
+        {"name": "tune", "train": ["projector", "lora"], "data": [{"path": "/abs/b.jsonl"}]},
+    ],
+}
+
+
+def _write(tmp_path: Path, data: dict, text: str | None = None) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_load_with_nested_and_list_overrides(tmp_path):
+    path = _write(tmp_path, RAW)
+    cfg = load_config(
+        path,
+        ["model.projector.name=pixel_shuffle", "stages.0.lr=0.1", "stages.1.train=[projector]",
+         "model.llm.chat_template=chatml", "seed=7", "stages.1.max_steps=null"],
+    )  # fmt: skip
+    assert cfg.model.projector.name == "pixel_shuffle"
+    assert cfg.stages[0].lr == 0.1 and cfg.stages[1].lr == 1e-3  # only stage 0 changed
+    assert cfg.stages[1].train == ["projector"]
+    assert cfg.model.llm.chat_template == "chatml" and cfg.seed == 7 and cfg.stages[1].max_steps is None
+    assert cfg.model.vision.image_size == 32 and cfg.model.vision.kind == "clip"
+    assert isinstance(cfg.stages[0], Stage) and isinstance(cfg.stages[0].data[0], DataSpec)
+
+
+def test_overrides_create_missing_sections(tmp_path):
+    cfg = load_config(_write(tmp_path, {}, text=""), ["model.vision.kind=siglip", "out=o"])
+    assert cfg.model.vision.kind == "siglip" and cfg.out == "o" and cfg.stages == []
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a float field must still get 0.001."""
+    text = "stages:\n  - name: s\n    lr: 1e-3\n    lr_vision: 2e-5\n"
+    cfg = load_config(_write(tmp_path, {}, text=text), ["stages.0.weight_decay=1e-2"])
+    assert cfg.stages[0].lr == pytest.approx(1e-3) and isinstance(cfg.stages[0].lr, float)
+    assert cfg.stages[0].lr_vision == pytest.approx(2e-5)
+    assert cfg.stages[0].weight_decay == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "override, path",
+    [
+        ("model.vision.bogus=1", "model.vision"),
+        ("stages.1.bogus=1", "stages[1]"),
+        ("stages.0.data.0.bogus=1", "stages[0].data[0]"),
+        ("bogus=1", "unknown field(s) ['bogus']"),
+    ],
+)
+def test_unknown_field_names_the_dotted_path(tmp_path, override, path):
+    with pytest.raises(ValueError, match="unknown field") as err:
+        load_config(_write(tmp_path, RAW), [override])
+    message = str(err.value)
+    assert path in message and "bogus" in message and "cfg.yaml" in message
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model.vision.kind=vit", ["model.vision", "'vit'"]),
+        ("model.vision.patch_size=7", ["patch_size 7"]),
+        ("stages.0.train=[projector, everything]", ["stages[0]", "everything"]),
+        ("stages.1.train=[llm, lora]", ["llm (full) or lora"]),
+        ("stages.0.kind=rl", ["'rl'"]),
+        ("stages.0.on_bad_record=ignore", ["on_bad_record"]),
+        ("stages.0.batch_size=0", ["batch_size"]),
+        ("stages.0.batch_size=8.5", ["stages[0].batch_size", "8.5"]),
+        ("stages.0.lr=fast", ["stages[0].lr", "fast"]),
+        ("seed=true", ["seed"]),
+        ("seed.x=1", ["seed"]),
+        ("keep_last=0", ["keep_last"]),
+        ("model.vision.resnet_depths=[2, two]", ["model.vision.resnet_depths[1]"]),
+        ("stages=3", ["stages"]),
+        ("stages.5.lr=1", ["stages.5.lr"]),
+        ("stages.first.lr=1", ["stages.first.lr"]),
+        ("nodots", ["key.path=value"]),
+    ],
+)
+def test_invalid_values_raise_naming_the_field(tmp_path, override, words):
+    with pytest.raises(ValueError) as err:
+        load_config(_write(tmp_path, RAW), [override])
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_unreadable_file_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="cannot read config"):
+        load_config(_write(tmp_path, {}, text="model: [unclosed"))
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        VisionConfig(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        VisionConfig(hidden_size=30, num_heads=4)
+    VisionConfig(kind="resnet", image_size=30, patch_size=8)  # CNNs take any size
+
+
+def test_data_root_resolves_relative_paths_once(tmp_path):
+    cfg = load_config(_write(tmp_path, RAW), [f"data_root={tmp_path / 'd'}"])
+    a, b = cfg.stages[0].data[0], cfg.stages[1].data[0]
+    assert a.path == str(tmp_path / "d" / "a.json") and a.image_root == str(tmp_path / "d" / "img")
+    assert b.path == "/abs/b.jsonl" and b.image_root is None  # absolute paths stay put
+    assert cfg.data_root == "."
+    again = config_from_dict(cfg.to_dict())  # re-reading the resolved config must not prefix twice
+    assert again.stages[0].data[0].path == a.path
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(_write(tmp_path, RAW), ["stages.1.lora_rank=4", "model.vision.use_cls=true"])
+    save_config(cfg, tmp_path / "config.json")
+    back = load_config(tmp_path / "config.json")
+    assert back == cfg
+    assert back.stages[0].data[0].path == "data/a.json"
+
+
+def test_quickstart_recipe_loads():
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert [s.name for s in cfg.stages] == ["vision", "align", "instruct"]
+    assert isinstance(cfg, Config) and cfg.model.projector.name == "pixel_shuffle"

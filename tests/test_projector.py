@@ -1,0 +1,87 @@
+"""Projectors: shapes and token counts, pixel-shuffle neighbourhoods, and builder errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vistune.config import ProjectorConfig
+from vistune.projector import PROJECTORS, build_projector
+
+IN_DIM, OUT_DIM, GRID = 12, 20, (4, 6)
+
+
+@pytest.mark.parametrize(
+    "name, expected_tokens",
+    [("linear", 24), ("mlp2x_gelu", 24), ("pixel_shuffle", 6), ("resampler", 5)],
+)
+def test_output_shape_and_num_tokens(name, expected_tokens):
+    torch.manual_seed(0)
+    proj = build_projector(ProjectorConfig(name=name, num_queries=5), IN_DIM, OUT_DIM, GRID)
+    x = torch.randn(3, GRID[0] * GRID[1], IN_DIM)
+    y = proj(x)
+    assert y.shape == (3, expected_tokens, OUT_DIM)
+    assert proj.num_tokens(GRID[0] * GRID[1]) == expected_tokens
+    assert torch.isfinite(y).all()
+    y.sum().backward()  # every parameter is used and receives a gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp2x_gelu", "pixel_shuffle"])
+def test_tokenwise_projectors_keep_images_independent(name):
+    """Image b's output depends on image b only (no mixing across the batch)."""
+    torch.manual_seed(0)
+    proj = build_projector(ProjectorConfig(name=name), IN_DIM, OUT_DIM, GRID)
+    x = torch.randn(2, 24, IN_DIM)
+    torch.testing.assert_close(proj(x)[1:], proj(x[1:]))
+
+
+def test_pixel_shuffle_groups_2x2_neighbours():
+    """Token k of an h x w grid holds value k; each output token must hold exactly one 2x2 block."""
+    h, w, f = 4, 6, 2
+    proj = build_projector(ProjectorConfig(name="pixel_shuffle", shuffle_factor=f), 1, f * f, (h, w))
+    with torch.no_grad():  # make the projection the identity, so outputs are the merged inputs
+        proj.proj.weight.copy_(torch.eye(f * f))
+        proj.proj.bias.zero_()
+    x = torch.arange(h * w, dtype=torch.float32).view(1, h * w, 1)
+    y = proj(torch.cat([x, x + 100]))  # two images: the second is offset by 100
+    assert y.shape == (2, (h // f) * (w // f), f * f)
+    for i in range(h // f):
+        for j in range(w // f):
+            block = sorted((f * i + a) * w + (f * j + b) for a in range(f) for b in range(f))
+            token = i * (w // f) + j  # output tokens are row-major over the coarse grid
+            assert sorted(y[0, token].tolist()) == block
+            assert sorted(y[1, token].tolist()) == [v + 100 for v in block]
+    # within a token, the order is (row, column) of the block: top-left, top-right, bottom-left, ...
+    assert y[0, 0].tolist() == [0, 1, w, w + 1]
+
+
+def test_pixel_shuffle_factor_3():
+    proj = build_projector(ProjectorConfig(name="pixel_shuffle", shuffle_factor=3), 2, 8, (3, 6))
+    assert proj(torch.randn(1, 18, 2)).shape == (1, 2, 8) and proj.num_tokens(18) == 2
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (4, 5), None])
+def test_pixel_shuffle_rejects_indivisible_grid(grid):
+    with pytest.raises(ValueError, match="not divisible by factor 2"):
+        build_projector(ProjectorConfig(name="pixel_shuffle"), IN_DIM, OUT_DIM, grid)
+
+
+def test_pixel_shuffle_rejects_wrong_token_count():
+    proj = build_projector(ProjectorConfig(name="pixel_shuffle"), IN_DIM, OUT_DIM, GRID)
+    with pytest.raises(ValueError, match="expected 24 tokens"):
+        proj(torch.randn(1, 25, IN_DIM))  # e.g. a CLS token left in
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="'qformer' is unknown") as err:
+        build_projector(ProjectorConfig(name="qformer"), IN_DIM, OUT_DIM, GRID)
+    for name in PROJECTORS:
+        assert name in str(err.value)
+
+
+def test_resampler_count_is_independent_of_input_length():
+    torch.manual_seed(0)
+    proj = build_projector(ProjectorConfig(name="resampler", num_queries=7), IN_DIM, OUT_DIM, GRID)
+    for n in (1, 24, 50):
+        assert proj(torch.randn(2, n, IN_DIM)).shape == (2, 7, OUT_DIM) and proj.num_tokens(n) == 7

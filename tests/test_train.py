@@ -1,0 +1,171 @@
+"""The training loop: stages run end to end, resume is exact, two processes equal one, failures are loud."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vistune import train as train_mod
+from vistune.config import config_from_dict
+from vistune.data.synth import synthesize
+from vistune.llm import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A tiny shapes world and a tiny random Llama with the real SmolLM2 tokenizer."""
+    base = tmp_path_factory.mktemp("train")
+    synthesize(base / "data", sizes={"train": 12, "val": 0, "test": 0, "compositional": 0}, workers=1)
+    tokenizer = load_tokenizer("smollm2")
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        )
+    )  # fmt: skip
+    llm.save_pretrained(base / "llm")
+    tokenizer.save_pretrained(base / "llm")
+    return {"base": base, "data": base / "data", "llm": str(base / "llm")}
+
+
+def make_cfg(world: dict, out: Path, steps: int = 6, batch: int = 2, accum: int = 1, **extra) -> dict:
+    vision = {"kind": "clip", "image_size": 16, "patch_size": 4, "hidden_size": 16, "num_layers": 1,
+              "num_heads": 2, "intermediate_size": 32}  # fmt: skip
+    stage = {"batch_size": batch, "grad_accum": accum, "max_steps": steps, "max_length": 128, "lr": 0.01}
+    return {
+        "data_root": str(world["data"]),
+        "out": str(out),
+        "save_every": 2,
+        "keep_last": 2,
+        "model": {
+            "vision": vision,
+            "projector": {"name": "pixel_shuffle", "shuffle_factor": 2},
+            "llm": {"name_or_path": world["llm"], "chat_template": "chatml"},
+        },
+        "stages": [
+            {
+                "name": "vision",
+                "kind": "scene",
+                "train": ["vision"],
+                "data": [{"path": "scenes/train.jsonl", "image_root": "images"}],
+                **stage,
+            },
+            {
+                "name": "instruct",
+                "train": ["projector", "lora"],
+                "lora_rank": 4,
+                "data": [
+                    {"path": "train/vqa.json", "image_root": "images"},
+                    {"path": "train/conversations.json", "image_root": "images"},
+                ],
+                **stage,
+            },
+        ],  # fmt: skip
+        **extra,
+    }
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = load_file(model_dir / "vision_projector.safetensors")
+    out |= {f"llm.{k}": v for k, v in load_file(model_dir / "llm" / "model.safetensors").items()}
+    return out
+
+
+def test_stages_run_and_loss_falls(world, tmp_path):
+    raw = make_cfg(world, tmp_path / "run", steps=25)
+    raw["stages"][1]["train"] = ["projector", "llm"]  # full fine-tuning: a tiny random LLM learns fast
+    cfg = config_from_dict(raw)
+    model_dir = train_mod.train(cfg)
+    assert (model_dir / "vistune.json").is_file() and (tmp_path / "run" / "loss.png").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("stage") == "instruct" and "loss" in r]
+    assert len(losses) == 25
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_resume_after_kill_matches_uninterrupted(world, tmp_path, monkeypatch):
+    full = train_mod.train(config_from_dict(make_cfg(world, tmp_path / "a", steps=5)))
+
+    real_step, calls = train_mod.train_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # stage 0 has 5 steps: die in stage 1 after its checkpoint at step 2
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(config_from_dict(make_cfg(world, tmp_path / "b", steps=5)))
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    resumed = train_mod.train(config_from_dict(make_cfg(world, tmp_path / "b", steps=5)), resume=True)
+    a, b = weights(full), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_grad_accum_equals_big_batch(world, tmp_path):
+    one = train_mod.train(config_from_dict(make_cfg(world, tmp_path / "one", steps=3, batch=4)))
+    acc = train_mod.train(config_from_dict(make_cfg(world, tmp_path / "acc", steps=3, batch=2, accum=2)))
+    a, b = weights(one), weights(acc)
+    for key in a:
+        # Float sums in another order differ by ~1e-7; Adam turns that into at most ~1e-3 of a step (lr 0.01).
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+
+
+def test_two_processes_equal_one(world, tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 2 each, trains the same model as 1 process, batch 4."""
+    single = train_mod.train(config_from_dict(make_cfg(world, tmp_path / "single", steps=3, batch=4)))
+    cfg_path = tmp_path / "ddp.json"
+    cfg_path.write_text(json.dumps(make_cfg(world, tmp_path / "ddp", steps=3, batch=2)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "vistune.cli", "train", str(cfg_path)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(single), weights(tmp_path / "ddp" / "model")
+    for key in a:
+        # Float sums in another order differ by ~1e-7; Adam turns that into at most ~1e-3 of a step (lr 0.01).
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+
+
+def test_nonfinite_loss_stops_naming_the_step(world, tmp_path, monkeypatch):
+    from vistune import stages
+
+    monkeypatch.setattr(
+        stages.VLMTask, "forward", lambda self, batch: torch.tensor(float("nan"), requires_grad=True)
+    )
+    cfg = make_cfg(world, tmp_path / "nan", steps=6)
+    cfg["stages"] = cfg["stages"][1:]
+    with pytest.raises(RuntimeError, match=r"not finite for 3 steps in a row \(last at step 2\)"):
+        train_mod.train(config_from_dict(cfg))
+    rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nonfinite"] for r in rows if "step" in r] == [1, 2, 3]
+
+
+def test_bad_record_stops_or_is_skipped(world, tmp_path):
+    records = json.loads((world["data"] / "train" / "vqa.json").read_text())
+    records[1]["image"] = "train/missing.png"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    cfg = make_cfg(world, tmp_path / "bad", steps=1)
+    cfg["stages"] = [
+        cfg["stages"][1] | {"data": [{"path": str(bad), "image_root": str(world["data"] / "images")}]}
+    ]
+    with pytest.raises(ValueError, match=records[1]["id"]):
+        train_mod.train(config_from_dict(cfg))
+    cfg["stages"][0]["on_bad_record"] = "skip"
+    train_mod.train(config_from_dict(cfg))
+    stage_row = json.loads((tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()[0])
+    assert stage_row["records"]["skipped_bad"] == 1

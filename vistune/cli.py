@@ -1,0 +1,70 @@
+"""`vistune <command>`: a table from subcommand to a plain function that parses its own arguments.
+
+Functions are imported only when their command runs, so `vistune --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("vistune.quickstart:main_quickstart", "generate data, train, evaluate: the whole recipe"),
+    "data synth": ("vistune.data.synth:main_synth", "write the shapes-world dataset"),
+    "data validate": ("vistune.data.validate:main_validate", "check a dataset and report problems"),
+    "data inspect": ("vistune.inspect:main_inspect", "show records token by token with their labels"),
+    "train": ("vistune.train:main_train", "train a model through a config's stages"),
+    "chat": ("vistune.chat_session:main_chat", "talk with a model about images (or text only)"),
+    "eval": ("vistune.eval.run:main_eval", "score a model on a benchmark file or suite"),
+    "contrastive": ("vistune.train_contrastive:main_train_contrastive", "CLIP/SigLIP image-text pretraining"),
+    "embed": ("vistune.embed:main_embed", "write normalised image or text embeddings"),
+    "classify": ("vistune.embed:main_classify", "zero-shot classification of images"),
+    "classifier": ("vistune.classify:main_train_classifier", "linear probe or fine-tune on an ImageFolder"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items())
+    return f"usage: vistune <command> [args]\n\ncommands:\n{rows}\n\n`vistune <command> --help` for details."
+
+
+def _resolve(argv: list[str]) -> tuple[str, list[str]] | None:
+    """Longest command name matching the start of argv."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            return name, argv[words:]
+    return None
+
+
+def _pop_task(args: list[str], task: str) -> bool:
+    """Remove `--task TASK` (or `--task=TASK`) from args in place; say whether it was there."""
+    for i, arg in enumerate(args):
+        if arg == f"--task={task}" or (arg == "--task" and args[i + 1 : i + 2] == [task]):
+            del args[i : i + (1 if "=" in arg else 2)]
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vistune` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    found = _resolve(argv)
+    if found is None:
+        print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    name, rest = found
+    target = COMMANDS[name][0]
+    if name == "eval" and _pop_task(rest, "retrieval"):  # retrieval scores embeddings, not generations
+        target = "vistune.eval.retrieval:main_eval_retrieval"
+    module, function = target.split(":")
+    try:
+        return int(getattr(importlib.import_module(module), function)(rest) or 0)
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+        print(f"vistune {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

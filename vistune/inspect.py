@@ -1,0 +1,69 @@
+"""`vistune data inspect CONFIG --n 3`: print records token by token with their labels.
+
+Shows exactly what a stage trains on: each token, its id, and whether it carries loss (answer tokens
+are marked with `*`). Image tokens are collapsed into one `<image x N>` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vistune.chat import IGNORE, set_chat_template
+from vistune.config import load_config
+from vistune.dataset import ConversationData, Sample
+from vistune.llm import load_tokenizer
+
+
+def format_sample(sample: Sample, tokenizer, image_tokens: int) -> str:
+    """One line per token: `*` marks tokens with loss; runs of image tokens are collapsed."""
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    lines, i = [sample.where], 0
+    while i < len(sample.input_ids):
+        tid, label = sample.input_ids[i], sample.labels[i]
+        if tid == image_id:
+            j = i
+            while j < len(sample.input_ids) and sample.input_ids[j] == image_id:
+                j += 1
+            lines.append(f"   {'':>6}  <image x {j - i}>")
+            i = j
+            continue
+        mark = "*" if label != IGNORE else " "
+        lines.append(f" {mark} {tid:>6}  {tokenizer.decode([tid])!r}")
+        i += 1
+    n_loss = sum(label != IGNORE for label in sample.labels)
+    lines.append(
+        f"   {len(sample.input_ids)} tokens, {n_loss} with loss, images: {[str(p) for p in sample.images]}"
+    )
+    return "\n".join(lines)
+
+
+def main_inspect(argv: list[str] | None = None) -> int:
+    """Render the first records of each `vlm` stage of a config and print them token by token."""
+    parser = argparse.ArgumentParser(prog="vistune data inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--n", type=int, default=3, help="records per stage")
+    parser.add_argument("--stage", help="only this stage (by name)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    tokenizer = load_tokenizer(cfg.model.llm.name_or_path)
+    set_chat_template(tokenizer, cfg.model.llm.chat_template)
+    image_tokens = _image_tokens(cfg)
+    for stage in cfg.stages:
+        if stage.kind != "vlm" or (args.stage and stage.name != args.stage):
+            continue
+        specs = [type(s)(s.path, s.image_root, args.n) for s in stage.data]
+        data = ConversationData(specs, tokenizer, image_tokens, stage.max_length, stage.on_bad_record)
+        print(f"== stage {stage.name}: {dict(data.counts)}")
+        for sample in data.samples:
+            print(format_sample(sample, tokenizer, image_tokens) + "\n")
+    return 0
+
+
+def _image_tokens(cfg) -> int:
+    """Image tokens per image for this config, from the tower and projector (built without the LLM)."""
+    from vistune.projector import build_projector
+    from vistune.vision import build_vision_tower
+
+    tower = build_vision_tower(cfg.model.vision)
+    return build_projector(cfg.model.projector, tower.hidden_size, 8, tower.grid).num_tokens(tower.num_tokens)
