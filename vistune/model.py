@@ -102,11 +102,11 @@ class VLM(nn.Module):
 
 
 def build_vlm(cfg: ModelConfig, device: str | torch.device = "cpu") -> VLM:
-    """Compose a fresh model from a config: pretrained or scratch tower, new projector, the LLM."""
+    """Compose a fresh model on `device`: pretrained or scratch tower, new projector, the LLM."""
     tokenizer = load_tokenizer(cfg.llm.name_or_path)
     set_chat_template(tokenizer, cfg.llm.chat_template)
     llm = load_llm(cfg.llm.name_or_path, tokenizer, pick_dtype(cfg.llm.dtype, device))
-    return VLM(cfg, build_vision_tower(cfg.vision), llm, tokenizer)
+    return VLM(cfg, build_vision_tower(cfg.vision), llm, tokenizer).to(device)
 
 
 def save_vlm(model: VLM, out_dir: str | Path) -> None:

@@ -97,14 +97,15 @@ def run_stage(
     bad = 0
     for step in bar:
         loss, count, ok = train_step(wrapped, task, optimizer, accelerator, stage, cfg.seed + index, step)
+        if ok:
+            scheduler.step()
+        log.step(step, loss, count, scheduler.get_last_lr()[0], ok, bar)
         bad = 0 if ok else bad + 1
         if bad >= MAX_BAD_STEPS:
             raise RuntimeError(
                 f"stage {stage.name!r}: loss or gradients not finite for {bad} steps in a row "
                 f"(last at step {step}); lower the learning rate or check the data"
             )
-        scheduler.step() if ok else None
-        log.step(step, loss, count, scheduler.get_last_lr()[0], ok, bar)
         done = step + 1 == steps
         if done or (step + 1) % cfg.save_every == 0:
             if done:
