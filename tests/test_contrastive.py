@@ -64,8 +64,11 @@ def tiny_text_dir(root) -> str:
     return str(path)
 
 
-def tiny_model(root, loss: str = "clip", embed_dim: int = 16) -> ContrastiveModel:
-    """Tiny CLIP vision tower (32 px, 4x4 patches) + tiny BERT, random init."""
+def tiny_model(
+    root, loss: str = "clip", embed_dim: int = 16, text_dir: str | None = None
+) -> ContrastiveModel:
+    """Tiny CLIP vision tower (32 px, 4x4 patches) + tiny BERT (saved under root unless text_dir), seed 0."""
+    text_dir = text_dir or tiny_text_dir(root)
     torch.manual_seed(0)
     vision = build_vision_tower(
         VisionConfig(
@@ -78,7 +81,7 @@ def tiny_model(root, loss: str = "clip", embed_dim: int = 16) -> ContrastiveMode
             patch_size=8,
         )
     )
-    return ContrastiveModel(vision, build_text_tower(tiny_text_dir(root)), embed_dim, loss)
+    return ContrastiveModel(vision, build_text_tower(text_dir), embed_dim, loss)
 
 
 def shape_image(color: str, shape: str, size: int = 32) -> Image.Image:
@@ -376,3 +379,65 @@ def test_llm_text_tower_mean_pools_the_decoder():
         padded = tower.encode(["a red circle", "a small blue square and a large green circle"])
     assert alone.shape == (1, tower.hidden_size) and tower.tokenizer.pad_token is not None
     torch.testing.assert_close(padded[:1], alone, rtol=1e-4, atol=1e-4)  # padding does not leak in
+
+
+def _train_worker(rank: int, world: int, port: int, root: str) -> None:
+    """One of two CPU processes running train_contrastive under accelerate; saves its final weights."""
+    from pathlib import Path
+
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+
+    from vistune.data.llava import load_records
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        HF_HUB_OFFLINE="1",
+    )
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    root_path = Path(root)
+    # Files are written before spawning: under torch.distributed, save_pretrained writes on rank 0 only.
+    model = tiny_model(root_path, text_dir=str(root_path / "tiny-bert"))  # same seed on both ranks
+    records = load_records(root_path / "pairs.jsonl", root_path / "images")
+    stage = Stage(
+        name="ddp",
+        kind="contrastive",
+        train=["vision", "projector"],
+        max_steps=4,
+        batch_size=4,
+        warmup_ratio=0.0,
+        lr=1e-2,
+    )
+    train_contrastive(
+        model, records, root_path / "images", stage, accelerator, root_path / "run", chunk_size=2, seed=rank
+    )
+    state = {
+        k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(("vision", "image_proj"))
+    }
+    save_file(state, str(root_path / f"final{rank}.safetensors"))
+    accelerator.wait_for_everyone()
+    os._exit(0)  # see _gathered_worker: skip gloo's teardown
+
+
+def test_two_process_training_keeps_replicas_identical(tmp_path):
+    """Gradients are averaged across processes, so both replicas take the same optimizer steps."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    write_pairs(tmp_path, n_per_combo=1)
+    start = tiny_model(tmp_path).state_dict()  # also writes tmp_path/tiny-bert for the workers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = load_file(str(tmp_path / "final0.safetensors")), load_file(str(tmp_path / "final1.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a["image_proj.weight"], start["image_proj.weight"])  # they did train

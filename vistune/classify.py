@@ -62,9 +62,9 @@ def _splits(data: Path, tower: VisionTower, limit: int | None) -> dict[str, Fold
         raise ValueError(f"{data}: missing split folder(s) {missing}; expected {list(SPLITS)}")
     classes = load_records(data / "train").classes
     out = {s: FolderData(data / s, classes, tower.preprocess) for s in SPLITS}
-    if limit:
-        for ds in out.values():
-            ds.records = ds.records[:limit] if len(ds.records) <= limit else _spread(ds.records, limit)
+    for ds in out.values():
+        if limit and len(ds.records) > limit:
+            ds.records = _spread(ds.records, limit)
     return out
 
 

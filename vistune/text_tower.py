@@ -62,8 +62,10 @@ class TextTower(nn.Module):
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Padded, truncated token ids and attention mask on the model's device."""
+        # Never past the model's position table (e.g. a stage's max_length of 512 on a 128-position encoder).
+        limit = min(self.max_length, getattr(self.model.config, "max_position_embeddings", self.max_length))
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding=True, truncation=True, max_length=limit, return_tensors="pt"
         )
         device = next(self.model.parameters()).device
         return {

@@ -213,7 +213,6 @@ def train_contrastive(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     accelerator = accelerator or Accelerator()
     _check_stage(stage, len(records), accelerator.num_processes)
@@ -224,39 +223,26 @@ def train_contrastive(
     # A locked text tower in eval mode maps each caption to a fixed vector: compute it once.
     model.text_cache = None if "llm" in stage.train else {}
     model.text.max_length = stage.max_length
-    data = PairData(records, image_root, model.vision.preprocess)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=stage.batch_size, shuffle=True, drop_last=True, collate_fn=_collate
-    )
-    optimizer = _optimizer(model, stage)
-    loader = accelerator.prepare(loader)
-    steps = stage.max_steps or max(1, math.floor(stage.epochs * len(loader)))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * steps), steps)
+    loader, optimizer, scheduler, steps = _setup(model, records, image_root, stage, accelerator)
     log = _MetricLog(out / "metrics.jsonl", accelerator.is_main_process)
     bar = tqdm(total=steps, desc=f"contrastive {stage.name}", disable=not accelerator.is_main_process)
     row: dict[str, Any] = {}
+    last = time.perf_counter()
     for step, (pixels, texts) in _batches(loader, steps):
-        start = time.perf_counter()
-        with accelerator.autocast():
-            if len(texts) > chunk_size:
-                loss = grad_cache_step(model, pixels, texts, chunk_size, accelerator.backward)
-            else:
-                loss = plain_step(model, pixels, texts, accelerator.backward)
-        if accelerator.num_processes > 1:
-            _all_reduce_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        loss = _train_step(model, pixels, texts, chunk_size, accelerator, params, stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
+        now, n = time.perf_counter(), len(texts) * accelerator.num_processes
         row = {
             "stage": stage.name,
             "step": step + 1,
             "loss": loss,
             "lr": scheduler.get_last_lr()[0],
             "scale": model.scale().item(),
-            "samples_per_s": len(texts) * accelerator.num_processes / seconds,
+            "samples_per_s": n / (now - last),  # wall time between steps, data loading included
         }
+        last = now
         log.write(row)
         bar.update(1)
         if step % log_every == 0 or step + 1 == steps:
@@ -267,6 +253,44 @@ def train_contrastive(
         save_contrastive(model, out, extra={"stage": asdict(stage), "seed": seed})
     accelerator.wait_for_everyone()
     return row
+
+
+def _setup(
+    model: ContrastiveModel, records: Sequence[Record], image_root: str | Path, stage: Stage, accelerator: Any
+) -> tuple[Any, torch.optim.Optimizer, Any, int]:
+    """Sharded shuffling loader, AdamW, warmup + cosine schedule, and the number of optimizer steps."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    data = PairData(records, image_root, model.vision.preprocess)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=stage.batch_size, shuffle=True, drop_last=True, collate_fn=_collate
+    )
+    loader = accelerator.prepare(loader)  # drop_last: gathered losses need equal local batches
+    optimizer = _optimizer(model, stage)
+    steps = stage.max_steps or max(1, math.floor(stage.epochs * len(loader)))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * steps), steps)
+    return loader, optimizer, scheduler, steps
+
+
+def _train_step(
+    model: ContrastiveModel,
+    pixels: torch.Tensor,
+    texts: list[str],
+    chunk_size: int,
+    accelerator: Any,
+    params: list[nn.Parameter],
+    max_grad_norm: float,
+) -> float:
+    """Gradients of one batch (cached when larger than chunk_size), averaged over processes, clipped."""
+    with accelerator.autocast():
+        if len(texts) > chunk_size:
+            loss = grad_cache_step(model, pixels, texts, chunk_size, accelerator.backward)
+        else:
+            loss = plain_step(model, pixels, texts, accelerator.backward)
+    if accelerator.num_processes > 1:
+        _all_reduce_grads(params)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return loss
 
 
 def _check_stage(stage: Stage, n_records: int, processes: int) -> None:
