@@ -85,3 +85,38 @@ def test_resampler_count_is_independent_of_input_length():
     proj = build_projector(ProjectorConfig(name="resampler", num_queries=7), IN_DIM, OUT_DIM, GRID)
     for n in (1, 24, 50):
         assert proj(torch.randn(2, n, IN_DIM)).shape == (2, 7, OUT_DIM) and proj.num_tokens(n) == 7
+
+
+WORDS = [["red", "blue"], ["circle", "star", "square"]]
+
+
+def test_visual_words_shape_and_block_sum():
+    torch.manual_seed(0)
+    proj = build_projector(ProjectorConfig(name="visual_words", words=WORDS), IN_DIM, OUT_DIM, GRID)
+    x = torch.randn(2, GRID[0] * GRID[1], IN_DIM)
+    y = proj(x)
+    assert y.shape == (2, 6, OUT_DIM) and proj.num_tokens(24) == 6
+    # token 0 is the sum of the mixtures of grid cells (0,0), (0,1), (1,0), (1,1)
+    cells = [0, 1, GRID[1], GRID[1] + 1]
+    mix = sum((c(x[:, cells]).softmax(-1)[..., 1:] @ v).sum(1) for c, v in zip(proj.classifiers, proj.words))
+    torch.testing.assert_close(y[:, 0], mix)
+
+
+def test_visual_words_start_from_llm_embeddings_and_scene_heads(smollm2_tokenizer):
+    proj = build_projector(ProjectorConfig(name="visual_words", words=WORDS), IN_DIM, OUT_DIM, GRID)
+    table = torch.randn(len(smollm2_tokenizer), OUT_DIM)
+    proj.bind(table, smollm2_tokenizer)
+    star = smollm2_tokenizer(" star", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(proj.words[1][1].detach(), table[star].mean(0))
+    # scene heads list classes as none + their own vocabulary order; the projector reorders by word
+    heads = {"shape": torch.nn.Linear(IN_DIM, 4), "color": torch.nn.Linear(IN_DIM, 3)}
+    vocab = {"shape": ("square", "circle", "star"), "color": ("blue", "red")}
+    proj.init_classifiers(heads, vocab)
+    torch.testing.assert_close(proj.classifiers[1].weight[1], heads["shape"].weight[2])  # circle
+    torch.testing.assert_close(proj.classifiers[1].weight[3], heads["shape"].weight[1])  # square
+    torch.testing.assert_close(proj.classifiers[0].weight[1], heads["color"].weight[2])  # red
+
+
+def test_visual_words_needs_words():
+    with pytest.raises(ValueError, match="words"):
+        build_projector(ProjectorConfig(name="visual_words"), IN_DIM, OUT_DIM, GRID)

@@ -78,12 +78,16 @@ def save_checkpoint(
     run_dir: Path,
     step_name: str,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     info: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `run_dir/checkpoints/<step_name>` atomically, then rotate old ones."""
+    """Write checkpoint `run_dir/checkpoints/<step_name>` atomically, then rotate old ones.
+
+    `optimizer` and `scheduler` may be None for an end-of-stage checkpoint of a stage that ran its own
+    loop (nothing to resume inside it).
+    """
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     root = run_dir / "checkpoints"
@@ -93,9 +97,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
-    tensors, plain = _flatten_optimizer(optimizer.state_dict())
+    empty = {"state": {}, "param_groups": []}
+    tensors, plain = _flatten_optimizer(optimizer.state_dict() if optimizer else empty)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {"optimizer": plain, "scheduler": scheduler.state_dict(), "rng": rng_state(), **info}
+    sched = scheduler.state_dict() if scheduler else None
+    state = {"optimizer": plain, "scheduler": sched, "rng": rng_state(), **info}
     (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -62,8 +62,9 @@ class ProjectorConfig:
     """Maps vision features (B, N, Dv) to LLM embeddings (B, N', Dl)."""
 
     name: str = "mlp2x_gelu"
-    shuffle_factor: int = 2  # pixel_shuffle: merge f x f neighbouring tokens into one
+    shuffle_factor: int = 2  # pixel_shuffle, visual_words: merge f x f neighbouring tokens into one
     num_queries: int = 16  # resampler: learned queries
+    words: list[list[str]] = field(default_factory=list)  # visual_words: word groups, e.g. colours, shapes
 
 
 @dataclass
@@ -119,6 +120,11 @@ class Stage:
     lora_alpha: int = 32
     on_bad_record: str = "raise"  # raise | skip
     max_grad_norm: float = 1.0
+    # contrastive stages only: the text tower ("minilm", "llm" or a local encoder dir), loss, sizes
+    text_tower: str = "minilm"
+    loss: str = "clip"
+    embed_dim: int = 128
+    chunk_size: int = 32
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:

@@ -44,6 +44,8 @@ class VLM(nn.Module):
         self.tokenizer = tokenizer
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.projector = build_projector(cfg.projector, vision.hidden_size, llm_dim, vision.grid)
+        if hasattr(self.projector, "bind"):  # projectors that start from the LLM's word embeddings
+            self.projector.bind(llm.get_input_embeddings().weight, tokenizer)
         self.image_token_id = image_token_id(tokenizer)
         self.image_tokens = self.projector.num_tokens(vision.num_tokens)
 

@@ -89,11 +89,67 @@ class Resampler(nn.Module):
         return self.queries.shape[0]
 
 
+class VisualWords(nn.Module):
+    """Each image token becomes a mixture of the LLM's own word embeddings ("visual words").
+
+    For every word group (say colours, shapes, sizes) a linear classifier over a patch token gives
+    probabilities for "none" + the group's words; the token's embedding is the sum over groups of the
+    probability-weighted word embeddings, which start as the LLM's input embeddings of those words and
+    are trained with the rest. f x f neighbouring tokens are summed (f^2 fewer tokens). The LLM then reads
+    image tokens much as it reads words; a `scene` stage's classifiers can initialise the groups'.
+    """
+
+    def __init__(self, cfg: ProjectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int] | None):
+        super().__init__()
+        if not cfg.words:
+            raise ValueError("projector visual_words needs `words`: a list of word groups")
+        f = cfg.shuffle_factor
+        if grid is None or grid[0] % f or grid[1] % f:
+            raise ValueError(f"projector visual_words: token grid {grid} is not divisible by factor {f}")
+        self.groups = [list(g) for g in cfg.words]
+        self.factor, self.grid = f, grid
+        self.classifiers = nn.ModuleList(nn.Linear(in_dim, len(g) + 1) for g in self.groups)
+        self.words = nn.ParameterList(nn.Parameter(torch.randn(len(g), out_dim) * 0.02) for g in self.groups)
+
+    @torch.no_grad()
+    def bind(self, embeddings: torch.Tensor, tokenizer) -> None:
+        """Start each word's vector at the LLM's embedding of the word as it appears mid-sentence."""
+        for group, vectors in zip(self.groups, self.words, strict=True):
+            for k, word in enumerate(group):
+                ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+                vectors[k] = embeddings[ids].mean(0).to(vectors.dtype)
+
+    @torch.no_grad()
+    def init_classifiers(self, heads: dict[str, nn.Linear], vocab: dict[str, tuple[str, ...]]) -> None:
+        """Copy classifiers trained elsewhere (class 0 = none, then `vocab[name]` in order) into the
+        groups with the same words."""
+        for group, classifier in zip(self.groups, self.classifiers, strict=True):
+            for name, words in vocab.items():
+                if sorted(words) == sorted(group) and name in heads:
+                    order = [0] + [1 + words.index(w) for w in group]
+                    classifier.weight.copy_(heads[name].weight[order])
+                    classifier.bias.copy_(heads[name].bias[order])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        (h, w), f = self.grid, self.factor
+        out = 0
+        for classifier, vectors in zip(self.classifiers, self.words, strict=True):
+            probs = classifier(x[:, -h * w :]).softmax(-1)[..., 1:]  # (B, h*w, words): drop "none"
+            out = out + probs @ vectors  # (B, h*w, Dl)
+        out = out.view(b, h // f, f, w // f, f, -1).sum(dim=(2, 4))  # sum each f x f block
+        return out.reshape(b, (h // f) * (w // f), -1)
+
+    def num_tokens(self, n: int) -> int:
+        return (self.grid[0] // self.factor) * (self.grid[1] // self.factor)
+
+
 PROJECTORS: dict[str, type[nn.Module]] = {
     "linear": Linear,
     "mlp2x_gelu": MLP2xGelu,
     "pixel_shuffle": PixelShuffle,
     "resampler": Resampler,
+    "visual_words": VisualWords,
 }
 
 

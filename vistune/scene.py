@@ -21,6 +21,9 @@ from vistune.data.questions import COLORS, SHAPES, SIZES
 from vistune.model import VLM
 
 ATTRIBUTES = {"color": COLORS, "shape": SHAPES, "size": SIZES}
+# Most cells are empty; without weighting, "empty" dominates the loss and the attributes of the few
+# object cells (what every question is about) are learned slowly.
+OBJECT_WEIGHT = 10.0
 
 
 def read_scenes(path: str | Path) -> list[dict]:
@@ -49,6 +52,11 @@ def cell_targets(scene: dict, grid: tuple[int, int]) -> torch.Tensor:
         for k, (name, vocab) in enumerate(ATTRIBUTES.items()):
             targets[row * w + col, k] = vocab.index(obj[name]) + 1
     return targets
+
+
+def _weights(targets: torch.Tensor) -> torch.Tensor:
+    """(B, h*w) loss weight per cell: OBJECT_WEIGHT where an object's centre lies, 1 elsewhere."""
+    return 1.0 + (OBJECT_WEIGHT - 1.0) * (targets[..., 0] > 0).float()
 
 
 class SceneTask(nn.Module):
@@ -100,4 +108,6 @@ class SceneTask(nn.Module):
         return list(self.heads.parameters())
 
     def finish(self) -> None:
-        return None
+        """Hand the trained classifiers to a projector that can start from them (visual_words)."""
+        if hasattr(self.model.projector, "init_classifiers"):
+            self.model.projector.init_classifiers(dict(self.heads.items()), ATTRIBUTES)

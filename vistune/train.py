@@ -8,6 +8,7 @@ what makes `--resume` exact: a checkpoint stores the step, and the loop picks up
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -54,7 +55,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
         resume_from = last if info and index == info["stage"] else None
         if info and not resume_from and index == info["stage"] + 1:
             ckpt.load_weights(last, model)  # the previous stage finished: start from its weights
-        run_stage(cfg, index, stage, model, accelerator, log, resume_from)
+        if stage.kind == "contrastive":
+            run_contrastive_stage(cfg, index, stage, model, accelerator)
+        else:
+            run_stage(cfg, index, stage, model, accelerator, log, resume_from)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_vlm(model, run_dir / "model")
@@ -118,6 +122,29 @@ def run_stage(
     gc.collect()
 
 
+def run_contrastive_stage(
+    cfg: Config, index: int, stage: Stage, model: VLM, accelerator: Accelerator
+) -> None:
+    """Pretrain the model's own vision tower against a text tower (CLIP/SigLIP); the tower is shared, so
+    what it learns carries into the next stages. The stage runs its own loop (gradient caching) and
+    writes its image-text model to OUT/stages/NAME; a checkpoint marks it complete."""
+    from vistune.contrastive import ContrastiveModel
+    from vistune.data.llava import load_records
+    from vistune.text_tower import build_text_tower
+    from vistune.train_contrastive import train_contrastive
+
+    roots = {spec.image_root for spec in stage.data}
+    if len(roots) != 1:
+        raise ValueError(f"stage {stage.name!r}: contrastive data must share one image_root, got {roots}")
+    records = [r for spec in stage.data for r in list(load_records(spec.path, spec.image_root))[: spec.limit]]
+    clip = ContrastiveModel(model.vision, build_text_tower(stage.text_tower), stage.embed_dim, stage.loss)
+    out = Path(cfg.out) / "stages" / stage.name
+    train_contrastive(
+        clip, records, roots.pop(), stage, accelerator, out, stage.chunk_size, seed=cfg.seed + index
+    )
+    _save(cfg, model, None, None, accelerator, index, 0, True)
+
+
 def total_steps(stage: Stage, n: int, world: int) -> int:
     """Optimizer steps: `max_steps`, else enough global batches to cover `epochs` passes over the data."""
     if stage.max_steps is not None:
@@ -140,14 +167,10 @@ def batch_indices(n: int, seed: int, step: int, micro: int, rank: int, world: in
     return out
 
 
-_perms: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    key = (n, seed, epoch)
-    if key not in _perms:
-        _perms[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return _perms[key]
+    """The order of epoch `epoch` over `n` records: seeded, so every process and every resume agrees."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def train_step(

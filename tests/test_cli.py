@@ -1,0 +1,38 @@
+"""The command table: every command resolves to a function that parses its own --help."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from vistune import cli
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_has_help(name, capsys):
+    module, function = cli.COMMANDS[name][0].split(":")
+    fn = getattr(importlib.import_module(module), function)
+    with pytest.raises(SystemExit) as done:
+        fn(["--help"])
+    assert done.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert cli.main(["nope"]) == 2
+    assert "usage: vistune" in capsys.readouterr().err
+
+
+def test_eval_task_retrieval_is_routed_to_retrieval(monkeypatch):
+    seen = {}
+    import vistune.eval.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "main_eval_retrieval", lambda argv: seen.setdefault("argv", argv) and 0)
+    cli.main(["eval", "MODEL", "--task", "retrieval", "--data", "x.jsonl"])
+    assert seen["argv"] == ["MODEL", "--data", "x.jsonl"]
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
