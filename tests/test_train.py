@@ -169,3 +169,19 @@ def test_bad_record_stops_or_is_skipped(world, tmp_path):
     train_mod.train(config_from_dict(cfg))
     stage_row = json.loads((tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()[0])
     assert stage_row["records"]["skipped_bad"] == 1
+
+
+def test_contrastive_stage_trains_the_shared_tower(world, tmp_path):
+    cfg = make_cfg(world, tmp_path / "clip", steps=2, batch=4)
+    contrastive = {"name": "clip", "kind": "contrastive", "train": ["vision", "projector"],
+                   "data": [{"path": "train/pairs.jsonl", "image_root": "images"}],
+                   "batch_size": 4, "max_steps": 2, "max_length": 32, "lr": 0.01}  # fmt: skip
+    cfg["stages"] = [contrastive, cfg["stages"][1]]
+    before = train_mod.build_vlm(config_from_dict(cfg).model).vision.state_dict()
+    model_dir = train_mod.train(config_from_dict(cfg))
+    after = {k[len("vision.") :]: v for k, v in weights(model_dir).items() if k.startswith("vision.")}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "clip" / "stages" / "clip" / "model.safetensors").is_file()
+    # resuming a finished run skips every stage and reproduces the same model
+    again = train_mod.train(config_from_dict(cfg), resume=True)
+    assert all(torch.equal(v, weights(again)[k]) for k, v in weights(model_dir).items())

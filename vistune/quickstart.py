@@ -34,8 +34,11 @@ def make_data(data_dir: Path, sizes: dict[str, int], seed: int) -> None:
         return
     tmp = data_dir.with_name(data_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    print(f"data: generating the shapes world ({sizes}) into {data_dir}", flush=True)
+    start = time.perf_counter()
     synthesize(tmp, sizes=sizes, seed=seed, workers=min(2, os.cpu_count() or 1))
     os.replace(tmp, data_dir)
+    print(f"data: {sum(sizes.values())} images in {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def examples(eval_dir: Path, n: int = 6) -> list[dict]:
@@ -56,6 +59,7 @@ def main_quickstart(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-images", type=int, default=SPLITS["test"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    parser.add_argument("--eval-limit", type=int, default=500, help="VQA questions per split (0: all)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     started = time.perf_counter()
@@ -68,7 +72,7 @@ def main_quickstart(argv: list[str] | None = None) -> int:
 
     model_dir = train(cfg, resume=True)
     train_time = time.perf_counter() - started - data_time
-    results = evaluate(model_dir, out / "data", out / "eval", args.batch_size)
+    results = evaluate(model_dir, out / "data", out / "eval", args.batch_size, args.eval_limit or None)
     summary = {
         "seconds": {"data": round(data_time, 1), "train": round(train_time, 1),
                     "eval": round(time.perf_counter() - started - data_time - train_time, 1),
@@ -81,13 +85,13 @@ def main_quickstart(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, batch_size: int) -> dict:
-    """VQA on the test and compositional splits, with reports and sample grids."""
+def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, batch_size: int, limit: int | None) -> dict:
+    """VQA on the test and compositional splits (the first `limit` questions of each), with reports."""
     from vistune.eval.run import run_suite
     from vistune.generate import load_predictor
 
     predictor = load_predictor(str(model_dir), batch_size=batch_size)
-    return run_suite(predictor, data_dir, eval_dir, tasks=("vqa",), batch_size=batch_size)
+    return run_suite(predictor, data_dir, eval_dir, tasks=("vqa",), batch_size=batch_size, limit=limit)
 
 
 def print_summary(summary: dict, out: Path) -> None:
@@ -97,7 +101,7 @@ def print_summary(summary: dict, out: Path) -> None:
     print("\nexact-match accuracy on held-out single-turn VQA")
     print(f"{'question type':<16}{'test':>8}{'compositional':>15}")
     for qtype in sorted(vqa["test"].get("by_question_type", {})):
-        cells = [vqa[s]["by_question_type"].get(qtype) for s in splits]
+        cells = [vqa[s]["by_question_type"].get(qtype, {}).get("accuracy") for s in splits]
         print(f"{qtype:<16}" + "".join(_cell(c, w) for c, w in zip(cells, (8, 15), strict=True)))
     print(
         f"{'all':<16}{_cell(vqa['test']['exact_match'], 8)}{_cell(vqa['compositional']['exact_match'], 15)}"

@@ -49,12 +49,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     info = ckpt.read_info(last) if last else None
     log = RunLog(run_dir, accelerator.is_main_process)
+    if info and info["stage_complete"]:
+        ckpt.load_weights(last, model)  # the model as that stage left it; later stages start from here
     for index, stage in enumerate(cfg.stages):
         if info and (index < info["stage"] or (index == info["stage"] and info["stage_complete"])):
             continue
         resume_from = last if info and index == info["stage"] else None
-        if info and not resume_from and index == info["stage"] + 1:
-            ckpt.load_weights(last, model)  # the previous stage finished: start from its weights
         if stage.kind == "contrastive":
             run_contrastive_stage(cfg, index, stage, model, accelerator)
         else:
