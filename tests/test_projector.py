@@ -98,7 +98,10 @@ def test_visual_words_shape_and_block_sum():
     assert y.shape == (2, 6, OUT_DIM) and proj.num_tokens(24) == 6
     # token 0 is the sum of the mixtures of grid cells (0,0), (0,1), (1,0), (1,1)
     cells = [0, 1, GRID[1], GRID[1] + 1]
-    mix = sum((c(x[:, cells]).softmax(-1)[..., 1:] @ v).sum(1) for c, v in zip(proj.classifiers, proj.words))
+    mix = sum(
+        (c(x[:, cells]).softmax(-1)[..., 1:] @ v).sum(1)
+        for c, v in zip(proj.classifiers, proj.words, strict=True)
+    )
     torch.testing.assert_close(y[:, 0], mix)
 
 
