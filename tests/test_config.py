@@ -134,7 +134,15 @@ def test_save_load_round_trip(tmp_path):
     assert back.stages[0].data[0].path == "data/a.json"
 
 
-def test_quickstart_recipe_loads():
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
-    assert [s.name for s in cfg.stages] == ["vision", "align", "instruct"]
-    assert isinstance(cfg, Config) and cfg.model.projector.name == "pixel_shuffle"
+@pytest.mark.parametrize(
+    "recipe, stages, projector",
+    [
+        ("quickstart.yaml", ["vision", "instruct"], "visual_words"),
+        ("quickstart_pixel_shuffle.yaml", ["vision", "align", "instruct"], "pixel_shuffle"),
+        ("quickstart_contrastive.yaml", ["contrastive", "vision", "instruct"], "visual_words"),
+    ],
+)
+def test_shipped_recipes_load(recipe, stages, projector):
+    cfg = load_config(ROOT / "configs" / recipe)
+    assert [s.name for s in cfg.stages] == stages
+    assert isinstance(cfg, Config) and cfg.model.projector.name == projector
