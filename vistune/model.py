@@ -8,6 +8,8 @@ accumulation and the number of processes do not change what is learned.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -120,26 +122,14 @@ def save_vlm(model: VLM, out_dir: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     llm = model.llm
     if hasattr(llm, "merge_and_unload"):  # a peft model: save the merged weights, keep training intact
-        llm = _merged_copy(llm)
+        llm = copy.deepcopy(llm).merge_and_unload()
     llm.save_pretrained(out / "llm", safe_serialization=True)
     model.tokenizer.save_pretrained(out / "llm")
     weights = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
     weights |= {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, out / WEIGHTS_FILE)
-    meta = {"model": _dataclass_dict(model.cfg), "vision_arch": model.vision.arch()}
+    meta = {"model": dataclasses.asdict(model.cfg), "vision_arch": model.vision.arch()}
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-
-def _merged_copy(peft_model: nn.Module) -> PreTrainedModel:
-    import copy
-
-    return copy.deepcopy(peft_model).merge_and_unload()
-
-
-def _dataclass_dict(cfg: ModelConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def load_vlm(model_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
