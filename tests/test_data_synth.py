@@ -131,3 +131,10 @@ def test_main_synth_cli(tmp_path, capsys):
 def test_unknown_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="valid splits"):
         synth.synthesize(tmp_path, {"training": 3})
+
+
+def test_load_scenes_names_the_bad_line(tmp_path):
+    path = tmp_path / "scenes.jsonl"
+    path.write_text('{"objects": [], "image": "a.png", "width": 8, "height": 8}\n\n{"objects": []}\n')
+    with pytest.raises(ValueError, match=r"scenes.jsonl line 3: not a scene graph"):
+        synth.load_scenes(path)

@@ -11,31 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from vistune import train as train_mod
 from vistune.config import config_from_dict
 from vistune.data.synth import synthesize
-from vistune.llm import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    """A tiny shapes world and a tiny random Llama with the real SmolLM2 tokenizer."""
+def world(tmp_path_factory, tiny_llm_dir) -> dict:
+    """A tiny shapes world and the shared tiny random Llama (conftest) with the real SmolLM2 tokenizer."""
     base = tmp_path_factory.mktemp("train")
     synthesize(base / "data", sizes={"train": 12, "val": 0, "test": 0, "compositional": 0}, workers=1)
-    tokenizer = load_tokenizer("smollm2")
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        )
-    )  # fmt: skip
-    llm.save_pretrained(base / "llm")
-    tokenizer.save_pretrained(base / "llm")
-    return {"base": base, "data": base / "data", "llm": str(base / "llm")}
+    return {"base": base, "data": base / "data", "llm": str(tiny_llm_dir)}
 
 
 def make_cfg(world: dict, out: Path, steps: int = 6, batch: int = 2, accum: int = 1, **extra) -> dict:

@@ -20,6 +20,7 @@ from vistune.config import DataSpec
 from vistune.data.llava import load_records
 from vistune.data.records import Record
 from vistune.data.validate import ensure_valid
+from vistune.llm import image_token_id
 
 
 @dataclass
@@ -88,7 +89,7 @@ class ConversationData(torch.utils.data.Dataset):
 
 def _truncate(ids: list[int], labels: list[int], max_length: int, tokenizer) -> tuple[list[int], list[int]]:
     """Cut after `max_length` tokens unless that cuts image tokens or leaves no answer token."""
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    image_id = image_token_id(tokenizer)
     last_image = max((i for i, t in enumerate(ids) if t == image_id), default=-1)
     if last_image >= max_length or all(label == IGNORE for label in labels[1:max_length]):
         return [], []

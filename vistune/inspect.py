@@ -11,12 +11,12 @@ import argparse
 from vistune.chat import IGNORE, set_chat_template
 from vistune.config import load_config
 from vistune.dataset import ConversationData, Sample
-from vistune.llm import load_tokenizer
+from vistune.llm import image_token_id, load_tokenizer
 
 
 def format_sample(sample: Sample, tokenizer, image_tokens: int) -> str:
     """One line per token: `*` marks tokens with loss; runs of image tokens are collapsed."""
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    image_id = image_token_id(tokenizer)
     lines, i = [sample.where], 0
     while i < len(sample.input_ids):
         tid, label = sample.input_ids[i], sample.labels[i]

@@ -8,7 +8,6 @@ fraction of the time that learning it through a frozen LLM takes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,28 +17,13 @@ from torch.nn import functional as F
 from vistune.config import Stage
 from vistune.data.images import load_image
 from vistune.data.questions import COLORS, SHAPES, SIZES
+from vistune.data.synth import load_scenes
 from vistune.model import VLM
 
 ATTRIBUTES = {"color": COLORS, "shape": SHAPES, "size": SIZES}
 # Most cells are empty; without weighting, "empty" dominates the loss and the attributes of the few
 # object cells (what every question is about) are learned slowly.
 OBJECT_WEIGHT = 10.0
-
-
-def read_scenes(path: str | Path) -> list[dict]:
-    """Scene graphs from a JSONL file; a malformed line is an error naming the file and line."""
-    scenes = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                scene = json.loads(line)
-                scene["objects"], scene["image"], scene["width"], scene["height"]  # noqa: B018
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path} line {number}: not a scene graph ({err})") from err
-            scenes.append(scene)
-    return scenes
 
 
 def cell_targets(scene: dict, grid: tuple[int, int]) -> torch.Tensor:
@@ -73,7 +57,7 @@ class SceneTask(nn.Module):
         self.items = []
         for spec in stage.data:
             root = Path(spec.image_root or Path(spec.path).parent)
-            scenes = read_scenes(spec.path)[: spec.limit]
+            scenes = load_scenes(spec.path)[: spec.limit]
             self.items += [(root / s["image"], cell_targets(s, self.grid)) for s in scenes]
         if "vision" not in stage.train:
             raise ValueError(f"stage {stage.name!r}: a scene stage must train the vision tower")

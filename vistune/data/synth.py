@@ -375,9 +375,19 @@ def write_imagefolder(out: str | Path, scenes: dict[str, list[dict]]) -> None:
 
 
 def load_scenes(path: str | Path) -> list[dict]:
-    """Read a scenes/<split>.jsonl file."""
+    """Read a scenes/<split>.jsonl file; a malformed line is an error naming the file and line."""
+    scenes = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            try:
+                scene = json.loads(line) if line.strip() else None
+                if scene is not None and not all(k in scene for k in ("objects", "image", "width", "height")):
+                    raise KeyError("objects, image, width and height are required")
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path} line {number}: not a scene graph ({err})") from err
+            if scene is not None:
+                scenes.append(scene)
+    return scenes
 
 
 def main_synth(argv: list[str] | None = None) -> int:
