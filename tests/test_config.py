@@ -137,7 +137,7 @@ def test_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "recipe, stages, projector",
     [
-        ("quickstart.yaml", ["vision", "instruct"], "visual_words"),
+        ("quickstart.yaml", ["vision", "instruct"], "object_words"),
         ("quickstart_pixel_shuffle.yaml", ["vision", "align", "instruct"], "pixel_shuffle"),
         ("quickstart_contrastive.yaml", ["contrastive", "vision", "instruct"], "visual_words"),
     ],

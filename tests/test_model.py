@@ -224,3 +224,35 @@ def test_llm_embeddings_grow_for_the_image_token(tmp_path, smollm2_tokenizer, ti
 def test_load_vlm_rejects_a_plain_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a vistune model dir"):
         load_vlm(tmp_path)
+
+
+def test_lora_layers_adapts_only_the_top_layers(tiny_vlm):
+    from vistune.config import Stage
+    from vistune.stages import set_trainable
+
+    model = tiny_vlm()
+    total = model.llm.config.num_hidden_layers
+    set_trainable(model, Stage(name="s", train=["lora"], lora_layers=1))
+    trained = {n for n, p in model.llm.named_parameters() if p.requires_grad}
+    assert trained and all(f"layers.{total - 1}." in n and "lora_" in n for n in trained)
+    with pytest.raises(ValueError, match="lora_layers must be 1"):
+        set_trainable(tiny_vlm(), Stage(name="s", train=["lora"], lora_layers=total + 1))
+
+
+def test_object_words_model_trains_and_round_trips(frozen_llm, tiny_model_config, tmp_path):
+    cfg = tiny_model_config("clip", "object_words")
+    cfg.projector.words, cfg.projector.slots = [["small", "large"], ["red", "blue"]], 3
+    torch.manual_seed(0)
+    model = VLM(cfg, build_vision_tower(cfg.vision), *frozen_llm)
+    assert model.image_tokens == 3 * 4  # per object: size, colour, x digit, y digit
+    batch = _batch(model, CONVS)
+    model.train()
+    loss = model(**batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.projector.classifiers[0].weight.grad.abs().sum() > 0
+    save_vlm(model.eval(), tmp_path / "m")
+    back = load_vlm(tmp_path / "m")
+    with torch.no_grad():
+        assert back.projector.read(back.vision(batch["pixel_values"])) == model.projector.read(
+            model.vision(batch["pixel_values"])
+        )

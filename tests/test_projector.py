@@ -123,3 +123,86 @@ def test_visual_words_start_from_llm_embeddings_and_scene_heads(smollm2_tokenize
 def test_visual_words_needs_words():
     with pytest.raises(ValueError, match="words"):
         build_projector(ProjectorConfig(name="visual_words"), IN_DIM, OUT_DIM, GRID)
+
+
+OBJECT_WORDS = [["small", "large"], ["red", "blue"], ["circle", "star", "square"]]
+
+
+def _object_words(slots: int = 3, bins: int = 10):
+    cfg = ProjectorConfig(name="object_words", words=OBJECT_WORDS, slots=slots, position_bins=bins)
+    return build_projector(cfg, IN_DIM, OUT_DIM, GRID)
+
+
+def _plant(proj, features: torch.Tensor, cells: dict[int, tuple[int, int, int, float, float]]) -> None:
+    """Make the classifiers read one-hot features: feature k of a cell switches on class k of a group.
+
+    cells: cell index -> (size, colour, shape) word index and the centre (x, y) it votes for, in cell
+    sides from the cell's corner.
+    """
+    with torch.no_grad():
+        for g, classifier in enumerate(proj.classifiers):
+            classifier.weight.zero_()
+            classifier.bias.zero_()
+            classifier.bias[0] = 5.0  # "none" unless a cell's feature says otherwise
+            for k in range(classifier.out_features - 1):
+                classifier.weight[k + 1, 3 * g + k] = 20.0
+        proj.offset.weight.zero_()
+        proj.offset.bias.zero_()
+        proj.offset.weight[0, 9] = proj.offset.weight[1, 10] = 1.0  # features 9, 10 are the centre vote
+        for cell, (size, color, shape, dx, dy) in cells.items():
+            features[:, cell, [size, 3 + color, 6 + shape]] = 1.0
+            features[:, cell, 9], features[:, cell, 10] = dx, dy
+
+
+def test_object_words_reads_objects_left_to_right_with_digit_positions():
+    proj = _object_words(slots=3)
+    x = torch.zeros(1, GRID[0] * GRID[1], IN_DIM)
+    # grid 4 rows x 6 columns: cell 11 is row 1, column 5; cell 18 is row 3, column 0
+    _plant(proj, x, {11: (1, 0, 1, 0.5, 0.5), 18: (0, 1, 2, 0.25, 0.75)})
+    assert proj.read(x) == ["small blue square 0 9, large red star 9 3"]
+    y = proj(x)
+    assert y.shape == (1, 3 * 5, OUT_DIM) and proj.num_tokens(24) == 15
+    # slot 0 (leftmost): small, blue, square, digit 0, digit 9; slot 2 is unused and reads "none"
+    expected = [proj.words[0][0], proj.words[1][1], proj.words[2][2], proj.digits[0], proj.digits[9]]
+    torch.testing.assert_close(y[0, :5], torch.stack(expected).detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y[0, 10:], proj.none.detach().expand(5, -1))
+
+
+def test_object_words_reads_one_object_per_centre_and_the_surest_slots():
+    proj = _object_words(slots=3)
+    x = torch.zeros(1, GRID[0] * GRID[1], IN_DIM)
+    # cells 0 and 1 vote for the same centre (one object seen twice, cell 1 less sure); cells 2 and 3 are
+    # neighbours too but see two objects; cell 23 is a fourth object, the least sure: no slot left.
+    _plant(
+        proj,
+        x,
+        {0: (0, 0, 0, 0.5, 0.5), 1: (1, 1, 1, -0.5, 0.5), 2: (0, 1, 1, 0.5, 0.5), 3: (1, 0, 2, 0.9, 0.9),
+         23: (1, 0, 0, 0.5, 0.5)},
+    )  # fmt: skip
+    x[:, 1, :9] *= 0.5
+    x[:, 23, :9] *= 0.4
+    assert proj.read(x) == ["small red circle 0 1, small blue star 4 1, large red square 6 2"]
+    y = proj(torch.randn(4, GRID[0] * GRID[1], IN_DIM, requires_grad=True))
+    y.sum().backward()  # the word mixtures pass gradients to the classifiers
+    assert all(c.weight.grad is not None for c in proj.classifiers)
+
+
+def test_object_words_starts_from_llm_embeddings_and_scene_heads(smollm2_tokenizer):
+    proj = _object_words()
+    table = torch.randn(len(smollm2_tokenizer), OUT_DIM)
+    proj.bind(table, smollm2_tokenizer)
+    seven = smollm2_tokenizer("7", add_special_tokens=False)["input_ids"]  # " 7" is " " + "7"
+    torch.testing.assert_close(proj.digits[7].detach(), table[seven].mean(0))
+    heads = {"size": torch.nn.Linear(IN_DIM, 3), "offset": torch.nn.Linear(IN_DIM, 2)}
+    proj.init_classifiers(heads, {"size": ("large", "small")})
+    torch.testing.assert_close(proj.classifiers[0].weight[1], heads["size"].weight[2])  # small
+    torch.testing.assert_close(proj.offset.weight, heads["offset"].weight)
+
+
+@pytest.mark.parametrize(
+    "fields, match", [({"words": []}, "words"), ({"slots": 25}, "24 cells"), ({"position_bins": 11}, "bins")]
+)
+def test_object_words_rejects_bad_settings(fields, match):
+    with pytest.raises(ValueError, match=match):
+        cfg = ProjectorConfig(**{"name": "object_words", "words": OBJECT_WORDS, **fields})
+        build_projector(cfg, IN_DIM, OUT_DIM, GRID)

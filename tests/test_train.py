@@ -174,3 +174,35 @@ def test_contrastive_stage_trains_the_shared_tower(world, tmp_path):
     # resuming a finished run skips every stage and reproduces the same model
     again = train_mod.train(config_from_dict(cfg), resume=True)
     assert all(torch.equal(v, weights(again)[k]) for k, v in weights(model_dir).items())
+
+
+def test_group_by_length_keeps_a_random_permutation_of_similar_length_batches():
+    from vistune.config import Stage
+
+    n, lengths = (
+        203,
+        tuple(int(v) for v in torch.randint(5, 200, (203,), generator=torch.Generator().manual_seed(1))),
+    )
+    stage = Stage(name="s", batch_size=4, grad_accum=2)
+    for grouped in (True, False):
+        stage.group_by_length = grouped
+        positions = [(step, micro) for step in range(25) for micro in range(2)]  # 200 of 203 records
+        batches = [train_mod.batch_indices(n, 0, s, m, 0, 1, stage, lengths) for s, m in positions]
+        seen = [i for b in batches for i in b]
+        assert len(set(seen)) == len(seen) == 200  # no record twice in an epoch
+        spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+        if grouped:
+            assert all(
+                [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True) for b in batches
+            )
+            assert spread < 40
+        else:
+            assert spread > 80
+    # the order is a pure function of the position (exact resume) and still shuffled across epochs
+    assert train_mod.batch_indices(n, 0, 3, 1, 0, 1, stage, lengths) == train_mod.batch_indices(
+        n, 0, 3, 1, 0, 1, stage, lengths
+    )
+    stage.group_by_length = True
+    assert train_mod.batch_indices(n, 0, 0, 0, 0, 1, stage, lengths) != train_mod.batch_indices(
+        n, 0, 30, 0, 0, 1, stage, lengths
+    )

@@ -64,7 +64,17 @@ class ProjectorConfig:
     name: str = "mlp2x_gelu"
     shuffle_factor: int = 2  # pixel_shuffle, visual_words: merge f x f neighbouring tokens into one
     num_queries: int = 16  # resampler: learned queries
-    words: list[list[str]] = field(default_factory=list)  # visual_words: word groups, e.g. colours, shapes
+    words: list[list[str]] = field(default_factory=list)  # visual_words, object_words: word groups
+    slots: int = 6  # object_words: most objects an image is read as
+    position_bins: int = 10  # object_words: x and y are each read as one digit 0..bins-1 (at most 10)
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"projector.slots must be at least 1, got {self.slots}")
+        if not 2 <= self.position_bins <= 10:
+            raise ValueError(
+                f"projector.position_bins must be 2..10 (one digit each), got {self.position_bins}"
+            )
 
 
 @dataclass
@@ -118,8 +128,10 @@ class Stage:
     max_length: int = 512
     lora_rank: int = 16
     lora_alpha: int = 32
+    lora_layers: int | None = None  # LoRA on the top N decoder layers only (default: all)
     on_bad_record: str = "raise"  # raise | skip
     max_grad_norm: float = 1.0
+    group_by_length: bool = True  # batch records of similar length together (less padding)
     # contrastive stages only: the text tower ("minilm", "llm" or a local encoder dir), loss, sizes
     text_tower: str = "minilm"
     loss: str = "clip"

@@ -21,10 +21,29 @@ from vistune.model import VLM
 def set_trainable(model: VLM, stage: Stage) -> list[dict]:
     """Freeze everything, then unfreeze the stage's module sets; return optimizer param groups.
 
-    `lora` wraps the LLM with peft adapters on every linear layer (merged back at the stage's end).
+    `lora` wraps the LLM with peft adapters on every linear layer (merged back at the stage's end), or
+    only on the top `stage.lora_layers` decoder layers: the backward pass then stops below them.
     """
     if "lora" in stage.train and not hasattr(model.llm, "peft_config"):
-        lora = LoraConfig(r=stage.lora_rank, lora_alpha=stage.lora_alpha, target_modules="all-linear")
+        targets, layers = "all-linear", None
+        if stage.lora_layers is not None:
+            total = model.llm.config.num_hidden_layers
+            if not 1 <= stage.lora_layers <= total:
+                raise ValueError(
+                    f"stage {stage.name!r}: lora_layers must be 1..{total}, got {stage.lora_layers}"
+                )
+            layers = list(range(total - stage.lora_layers, total))
+            # peft takes a layer subset only with module names: every linear inside the decoder layers
+            targets = sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in model.llm.named_modules()
+                    if isinstance(m, nn.Linear) and ".layers." in n
+                }
+            )
+        lora = LoraConfig(
+            r=stage.lora_rank, lora_alpha=stage.lora_alpha, target_modules=targets, layers_to_transform=layers
+        )
         model.llm = get_peft_model(model.llm, lora)
     model.requires_grad_(False)
     groups = []
@@ -59,6 +78,7 @@ class VLMTask(nn.Module):
         self.data = ConversationData(
             stage.data, model.tokenizer, model.image_tokens, stage.max_length, stage.on_bad_record
         )
+        self.lengths = tuple(len(self.data[i].input_ids) for i in range(len(self.data)))  # group_by_length
         self.cache = not any(p.requires_grad for p in model.vision.parameters())
         self._features: dict[str, torch.Tensor] = {}
 

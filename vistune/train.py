@@ -29,6 +29,7 @@ from vistune.runlog import RunLog
 from vistune.stages import build_task, set_trainable
 
 MAX_BAD_STEPS = 3
+GROUP_WINDOW = 8  # group_by_length sorts windows of this many global batches
 
 
 def train(cfg: Config, resume: bool = False) -> Path:
@@ -152,25 +153,55 @@ def total_steps(stage: Stage, n: int, world: int) -> int:
     return max(1, math.ceil(stage.epochs * n / (stage.batch_size * stage.grad_accum * world)))
 
 
-def batch_indices(n: int, seed: int, step: int, micro: int, rank: int, world: int, stage: Stage) -> list[int]:
+def batch_indices(
+    n: int,
+    seed: int,
+    step: int,
+    micro: int,
+    rank: int,
+    world: int,
+    stage: Stage,
+    lengths: tuple[int, ...] | None = None,
+) -> list[int]:
     """Dataset indices of one micro-batch: a pure function of its position, so resume is exact.
 
     The global batch of `step` is `batch_size * grad_accum * world` consecutive positions of an endless
-    sequence of per-epoch permutations; process `rank` takes its slices of it.
+    sequence of per-epoch orders; process `rank` takes its slices of it. With `lengths` and
+    `stage.group_by_length`, each epoch's order puts records of similar length in the same global batch.
     """
     size = stage.batch_size
-    start = step * size * stage.grad_accum * world + (micro * world + rank) * size
+    group = size * stage.grad_accum * world
+    start = step * group + (micro * world + rank) * size
+    lengths = lengths if stage.group_by_length else None
     out = []
     for pos in range(start, start + size):
         epoch, offset = divmod(pos, n)
-        out.append(int(_permutation(n, seed, epoch)[offset]))
+        out.append(int(_epoch_order(n, seed, epoch, lengths, group)[offset]))
     return out
 
 
 @functools.lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of epoch `epoch` over `n` records: seeded, so every process and every resume agrees."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+def _epoch_order(n: int, seed: int, epoch: int, lengths: tuple[int, ...] | None, group: int) -> torch.Tensor:
+    """The order of epoch `epoch` over `n` records: seeded, so every process and every resume agrees.
+
+    With lengths (LLaVA's group-by-length): sort each window of GROUP_WINDOW global batches of the
+    shuffled order by length, cut it into global batches and shuffle those, so batches waste little
+    padding but the order stays random.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    if lengths is None or group >= n:
+        return order
+    keys = torch.tensor(lengths)[order]
+    window = group * GROUP_WINDOW
+    parts = [
+        order[i : i + window][keys[i : i + window].argsort(descending=True, stable=True)]
+        for i in range(0, n, window)
+    ]
+    batches = torch.cat(parts).split(group)
+    full = n // group  # a short last batch stays last, so every other batch starts on a batch boundary
+    shuffled = [batches[i] for i in torch.randperm(full, generator=generator)]
+    return torch.cat(shuffled + list(batches[full:]))
 
 
 def train_step(
@@ -186,7 +217,9 @@ def train_step(
     loss targets in the whole effective batch (all micro-batches, all processes)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = [
-        task.batch(batch_indices(len(task), seed, step, k, rank, world, stage))
+        task.batch(
+            batch_indices(len(task), seed, step, k, rank, world, stage, getattr(task, "lengths", None))
+        )
         for k in range(stage.grad_accum)
     ]
     local = torch.tensor(float(sum(task.count(b) for b in batches)), device=accelerator.device)
