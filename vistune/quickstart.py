@@ -1,8 +1,9 @@
 """`vistune quickstart`: the whole recipe on the embedded default, from a fresh clone, offline.
 
 1. generate the shapes world (skipped when OUT/data is already complete);
-2. train `configs/quickstart.yaml`: a from-scratch ViT pretrained on scene graphs, a pixel-shuffle
-   projector aligned on captions, then projector + LoRA on SmolLM2-135M-Instruct tuned on VQA;
+2. train `configs/quickstart.yaml`: a from-scratch ResNet pretrained on scene graphs (no LLM), then
+   LoRA on SmolLM2-135M-Instruct tuned on conversations and VQA, reading each image through the
+   object_words projector as "small red star 3 7, ...";
 3. evaluate on the held-out test split and the compositional split, print a table and example answers.
 
 Everything lands in OUT: data/, model/ (loadable by `vistune chat` and `vistune eval`), metrics.jsonl,
