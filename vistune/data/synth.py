@@ -17,7 +17,6 @@ Layout written by `synthesize(out, ...)`:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import multiprocessing
 import os
@@ -27,21 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vistune.data import questions as Q
 from vistune.data.records import IMAGE_PLACEHOLDER
+from vistune.data.render import COLOR_RGB, draw_scene
 
 SPLITS = ("train", "val", "test", "compositional")
 TASKS = ("captions", "detailed", "vqa", "conversations", "pope", "classify")
-COLOR_RGB = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (230, 190, 0),
-    "purple": (140, 50, 190),
-    "orange": (245, 120, 10),
-}
 RADIUS = {"small": 0.09, "large": 0.16}  # circumradius as a fraction of the image side
 # Never in train/val/test; every compositional image has at least one. One per shape, distinct colours.
 HELD_OUT = (
@@ -55,7 +47,6 @@ SEEN = tuple(c for c in Q.COMBOS if c not in HELD_OUT)
 MAX_OBJECTS = 6
 MARGIN_PX = 2.0  # minimum gap between two objects' circumcircles, in pixels
 MAX_ROTATION = 20.0  # degrees; small, so a square never turns into a diamond
-SUPERSAMPLE = 4  # draw at 4x and average 4x4 blocks down: anti-aliased edges
 VQA_PER_IMAGE = 3
 CHUNK = 250  # images per worker job
 
@@ -114,59 +105,9 @@ def sample_scene(seed: int, split: str, index: int, image_size: int = 64) -> dic
     }
 
 
-def _vertices(obj: dict, scale: int) -> list[tuple[float, float]]:
-    """Polygon of a non-circle object at `scale`, rotated about its centre."""
-    r = obj["radius"] * scale
-    if obj["shape"] == "square":
-        pts = [(np.cos(a), np.sin(a)) for a in np.radians([45, 135, 225, 315])]
-    elif obj["shape"] == "triangle":
-        pts = [(np.cos(a), np.sin(a)) for a in np.radians([-90, 30, 150])]
-    elif obj["shape"] == "diamond":
-        pts = [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)]  # taller than wide, unlike a rotated square
-    elif obj["shape"] == "star":
-        angles = np.radians(-90 + 36 * np.arange(10))
-        pts = [
-            (np.cos(a) * (1 if i % 2 == 0 else 0.45), np.sin(a) * (1 if i % 2 == 0 else 0.45))
-            for i, a in enumerate(angles)
-        ]
-    else:
-        raise ValueError(f"unknown shape {obj['shape']!r}; valid shapes are {Q.SHAPES}")
-    c, s = np.cos(np.radians(obj["rotation"])), np.sin(np.radians(obj["rotation"]))
-    cx, cy = obj["x"] * scale, obj["y"] * scale
-    return [(cx + r * (px * c - py * s), cy + r * (px * s + py * c)) for px, py in pts]
-
-
-@functools.cache
-def _grid(h: int, w: int) -> np.ndarray:
-    return np.mgrid[0:h, 0:w] / max(h, w)
-
-
-def _background(scene: dict, rng: np.random.Generator) -> Image.Image:
-    """The light background colour with a faint linear gradient and pixel noise."""
-    h, w = scene["height"], scene["width"]
-    angle, amplitude = rng.uniform(0, 2 * np.pi), rng.uniform(0, 16)
-    yy, xx = _grid(h, w)
-    ramp = amplitude * ((xx * np.cos(angle) + yy * np.sin(angle)) - 0.5)
-    noise = rng.normal(0, 2.0, size=(h, w, 3))
-    pixels = np.asarray(scene["background"], dtype=np.float64) + ramp[..., None] + noise
-    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
-
-
 def render(scene: dict, seed: int = 0) -> Image.Image:
     """Draw a scene graph (RGB, width x height). The seed only varies the background noise."""
-    rng = rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), 2)
-    k = SUPERSAMPLE
-    big = _background(scene, rng).resize((scene["width"] * k, scene["height"] * k), Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(big)
-    for obj in scene["objects"]:
-        fill = COLOR_RGB[obj["color"]]
-        if obj["shape"] == "circle":
-            x, y, r = obj["x"] * k, obj["y"] * k, obj["radius"] * k
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        else:
-            draw.polygon(_vertices(obj, k), fill=fill)
-    # Averaging each k x k block (box filter) is supersampling anti-aliasing; ~20x cheaper than LANCZOS.
-    return big.reduce(k)
+    return draw_scene(scene, rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), 2))
 
 
 def _llava(rid: str, image: str, pairs: Sequence[tuple[str, str]], **extra) -> dict:
