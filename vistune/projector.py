@@ -89,6 +89,14 @@ class Resampler(nn.Module):
         return self.queries.shape[0]
 
 
+def _word_vector(embeddings: torch.Tensor, tokenizer, word: str) -> torch.Tensor:
+    """The LLM's input embedding of `word` as it appears mid-sentence (mean over its tokens)."""
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    # Tokenizers that split digits write " 7" as " " + "7": keep the tokens that carry the word.
+    ids = [i for i in ids if tokenizer.decode([i]).strip()] or ids
+    return embeddings[ids].mean(0)
+
+
 @torch.no_grad()
 def _copy_classifiers(
     groups, classifiers, heads: dict[str, nn.Linear], vocab: dict[str, tuple[str, ...]]
@@ -129,8 +137,7 @@ class VisualWords(nn.Module):
         """Start each word's vector at the LLM's embedding of the word as it appears mid-sentence."""
         for group, vectors in zip(self.groups, self.words, strict=True):
             for k, word in enumerate(group):
-                ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-                vectors[k] = embeddings[ids].mean(0).to(vectors.dtype)
+                vectors[k] = _word_vector(embeddings, tokenizer, word).to(vectors.dtype)
 
     @torch.no_grad()
     def init_classifiers(self, heads: dict[str, nn.Linear], vocab: dict[str, tuple[str, ...]]) -> None:
@@ -194,19 +201,12 @@ class ObjectWords(nn.Module):
     @torch.no_grad()
     def bind(self, embeddings: torch.Tensor, tokenizer) -> None:
         """Start words, digits and "none" at the LLM's embeddings of them as they appear mid-sentence."""
-
-        def embed(word: str) -> torch.Tensor:
-            ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-            # Tokenizers that split digits write " 7" as " " + "7": keep the tokens that carry the word.
-            ids = [i for i in ids if tokenizer.decode([i]).strip()] or ids
-            return embeddings[ids].mean(0)
-
         for group, vectors in zip(self.groups, self.words, strict=True):
             for k, word in enumerate(group):
-                vectors[k] = embed(word).to(vectors.dtype)
+                vectors[k] = _word_vector(embeddings, tokenizer, word).to(vectors.dtype)
         for k in range(self.bins):
-            self.digits[k] = embed(str(k)).to(self.digits.dtype)
-        self.none.copy_(embed("none").to(self.none.dtype))
+            self.digits[k] = _word_vector(embeddings, tokenizer, str(k)).to(self.digits.dtype)
+        self.none.copy_(_word_vector(embeddings, tokenizer, "none").to(self.none.dtype))
 
     @torch.no_grad()
     def init_classifiers(self, heads: dict[str, nn.Linear], vocab: dict[str, tuple[str, ...]]) -> None:
@@ -261,19 +261,18 @@ class ObjectWords(nn.Module):
     def read(self, x: torch.Tensor) -> list[str]:
         """What the LLM is shown, as text (most likely word per group): 'small red star 3 7, ...'."""
         found, words, bins = self.objects(x)
-        texts = []
+        best = torch.stack([p.argmax(-1) for p in words], -1).tolist()  # (B, slots, groups)
+        bins, texts = bins.tolist(), []
         for i in range(x.shape[0]):
-            objs = [
+            objects = [
                 " ".join(
-                    [
-                        *(g[int(p[i, j].argmax())] for g, p in zip(self.groups, words, strict=True)),
-                        *map(str, bins[i, j].tolist()),
-                    ]
+                    [g[k] for g, k in zip(self.groups, best[i][j], strict=True)]
+                    + [str(v) for v in bins[i][j]]
                 )
                 for j in range(self.slots)
                 if found[i, j]
             ]
-            texts.append(", ".join(objs))
+            texts.append(", ".join(objects))
         return texts
 
     def num_tokens(self, n: int) -> int:

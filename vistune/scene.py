@@ -131,6 +131,6 @@ class SceneTask(nn.Module):
         return list(self.heads.parameters())
 
     def finish(self) -> None:
-        """Hand the trained classifiers to a projector that can start from them (visual_words)."""
+        """Hand the trained heads to a projector that can start from them (visual_words, object_words)."""
         if hasattr(self.model.projector, "init_classifiers"):
             self.model.projector.init_classifiers(dict(self.heads.items()), ATTRIBUTES)

@@ -173,10 +173,13 @@ def batch_indices(
     group = size * stage.grad_accum * world
     start = step * group + (micro * world + rank) * size
     lengths = lengths if stage.group_by_length else None
+    orders: dict[int, torch.Tensor] = {}  # a batch spans at most two epochs: look each order up once
     out = []
     for pos in range(start, start + size):
         epoch, offset = divmod(pos, n)
-        out.append(int(_epoch_order(n, seed, epoch, lengths, group)[offset]))
+        if epoch not in orders:
+            orders[epoch] = _epoch_order(n, seed, epoch, lengths, group)
+        out.append(int(orders[epoch][offset]))
     return out
 
 
