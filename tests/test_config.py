@@ -93,12 +93,26 @@ def test_unknown_field_names_the_dotted_path(tmp_path, override, path):
         ("stages.5.lr=1", ["stages.5.lr"]),
         ("stages.first.lr=1", ["stages.first.lr"]),
         ("nodots", ["key.path=value"]),
+        ("stages.1.data.0.where=[spatial]", ["stages[1].data[0].where", "spatial"]),
+        ("stages.1.data.0.where={}", ["stages[1].data[0]", "where must map a field"]),
     ],
 )
 def test_invalid_values_raise_naming_the_field(tmp_path, override, words):
     with pytest.raises(ValueError) as err:
         load_config(_write(tmp_path, RAW), [override])
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_where_filter_takes_one_value_or_a_list_and_not_scene_files(tmp_path):
+    cfg = load_config(_write(tmp_path, RAW), ["stages.1.data.0.where={question_type: count, split: [a, b]}"])
+    assert cfg.stages[1].data[0].where == {"question_type": ["count"], "split": ["a", "b"]}
+    spec = cfg.stages[1].data[0]
+    assert spec.selects({"question_type": "count", "split": "b", "other": 1})
+    assert not spec.selects({"question_type": "count", "split": "c"})
+    assert not spec.selects({"split": "a"})  # a record without the field does not match
+    scene = ["stages.0.kind=scene", "stages.0.train=[vision]", "stages.0.data.0.where={question_type: count}"]
+    with pytest.raises(ValueError, match=r"stages\[0\].*scene files have none"):
+        load_config(_write(tmp_path, RAW), scene)
 
 
 def test_unreadable_file_is_a_value_error(tmp_path):

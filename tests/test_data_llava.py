@@ -188,3 +188,28 @@ def test_file_level_errors_name_the_file(tmp_path, name, content, match):
 def test_empty_imagefolder_is_an_error(tmp_path):
     with pytest.raises(DataError, match="one sub-folder per class"):
         load_records(tmp_path)
+
+
+def test_where_selects_by_extra_field_before_limit(tmp_path):
+    from vistune.config import DataSpec
+    from vistune.dataset import select
+
+    types = ["color", "count", "spatial", "count", "shape", "spatial", "count"]
+    records = [
+        {
+            "id": f"r{i}",
+            "question_type": t,
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        }
+        for i, t in enumerate(types)
+    ]
+    path = tmp_path / "vqa.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    picked = select(DataSpec(str(path), limit=3, where={"question_type": ["spatial", "count"]}))
+    assert [r.id for r in picked] == ["r1", "r2", "r3"]  # file order, limit counts kept records
+    assert [r.id for r in select(DataSpec(str(path), where={"question_type": "shape"}))] == ["r4"]
+    assert [r.id for r in select(DataSpec(str(path), limit=2))] == ["r0", "r1"]
+    with pytest.raises(
+        ValueError, match=r"vqa\.json: no record matches where=\{'question_type': \['size'\]\}"
+    ):
+        select(DataSpec(str(path), where={"question_type": ["size"]}))

@@ -101,7 +101,22 @@ class DataSpec:
 
     path: str
     image_root: str | None = None
-    limit: int | None = None  # use only the first N records
+    limit: int | None = None  # use only the first N records (of those `where` keeps)
+    # Keep only records whose field has one of the values, e.g. {question_type: [spatial, count]}:
+    # fields are the record's extra keys (Record.meta). Conversation and contrastive data only.
+    where: dict[str, list] | None = None
+
+    def __post_init__(self) -> None:
+        if self.where is None:
+            return
+        if not isinstance(self.where, dict) or not self.where:
+            raise ValueError(f"data {self.path!r}: where must map a field to its values, got {self.where!r}")
+        # A single value is a one-element list; values compare as written in the file.
+        self.where = {str(k): v if isinstance(v, list) else [v] for k, v in self.where.items()}
+
+    def selects(self, meta: dict) -> bool:
+        """Whether a record with these extra fields passes `where`."""
+        return not self.where or all(meta.get(k) in values for k, values in self.where.items())
 
 
 @dataclass
@@ -152,6 +167,8 @@ class Stage:
             if getattr(self, name) < 1:
                 raise ValueError(f"stage {self.name!r}: {name} must be at least 1")
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
+        if self.kind == "scene" and any(d.where for d in self.data):
+            raise ValueError(f"stage {self.name!r}: `where` filters records; scene files have none")
 
 
 @dataclass
@@ -223,6 +240,8 @@ def _check_value(hint: Any, value: Any, where: str) -> Any:
     for option in options:
         if get_origin(option) is list and isinstance(value, list):
             return [_check_value(get_args(option)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if dict in (option, get_origin(option)) and isinstance(value, dict):
+            return value  # the dataclass checks its own mappings (DataSpec.where)
         if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)

@@ -23,6 +23,25 @@ from vistune.data.validate import ensure_valid
 from vistune.llm import image_token_id
 
 
+def select(spec: DataSpec) -> list[Record]:
+    """The records of one dataset that the stage uses: those `where` keeps, then the first `limit`.
+
+    A `where` that keeps nothing is an error naming the file and the filter (a typo in a field or
+    value would otherwise train on nothing, or on everything else)."""
+    records = load_records(spec.path, spec.image_root)
+    if not spec.where:
+        return [records[k] for k in range(min(len(records), spec.limit or len(records)))]
+    kept: list[Record] = []
+    for k in range(len(records)):
+        if spec.limit is not None and len(kept) >= spec.limit:
+            break
+        if spec.selects(records[k].meta):
+            kept.append(records[k])
+    if not kept:
+        raise ValueError(f"{spec.path}: no record matches where={spec.where} (fields: records' extra keys)")
+    return kept
+
+
 @dataclass
 class Sample:
     """One rendered record: ids, labels and the image files its image tokens stand for."""
@@ -47,9 +66,8 @@ class ConversationData(torch.utils.data.Dataset):
         self.samples: list[Sample] = []
         self.counts: Counter[str] = Counter()
         for spec in specs:
-            records = load_records(spec.path, spec.image_root)
-            for k in range(min(len(records), spec.limit or len(records))):
-                self._add(records[k], spec, tokenizer, image_tokens, max_length, on_bad_record)
+            for record in select(spec):
+                self._add(record, spec, tokenizer, image_tokens, max_length, on_bad_record)
         if not self.samples:
             raise ValueError(f"no usable records in {[s.path for s in specs]} ({dict(self.counts)})")
 

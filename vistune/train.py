@@ -130,14 +130,14 @@ def run_contrastive_stage(
     what it learns carries into the next stages. The stage runs its own loop (gradient caching) and
     writes its image-text model to OUT/stages/NAME; a checkpoint marks it complete."""
     from vistune.contrastive import ContrastiveModel
-    from vistune.data.llava import load_records
+    from vistune.dataset import select
     from vistune.text_tower import build_text_tower
     from vistune.train_contrastive import train_contrastive
 
     roots = {spec.image_root for spec in stage.data}
     if len(roots) != 1:
         raise ValueError(f"stage {stage.name!r}: contrastive data must share one image_root, got {roots}")
-    records = [r for spec in stage.data for r in list(load_records(spec.path, spec.image_root))[: spec.limit]]
+    records = [r for spec in stage.data for r in select(spec)]
     clip = ContrastiveModel(model.vision, build_text_tower(stage.text_tower), stage.embed_dim, stage.loss)
     out = Path(cfg.out) / "stages" / stage.name
     train_contrastive(
