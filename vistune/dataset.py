@@ -29,15 +29,14 @@ def select(spec: DataSpec) -> list[Record]:
     A `where` that keeps nothing is an error naming the file and the filter (a typo in a field or
     value would otherwise train on nothing, or on everything else)."""
     records = load_records(spec.path, spec.image_root)
-    if not spec.where:
-        return [records[k] for k in range(min(len(records), spec.limit or len(records)))]
+    limit = spec.limit or len(records)
     kept: list[Record] = []
-    for k in range(len(records)):
-        if spec.limit is not None and len(kept) >= spec.limit:
+    for record in records:  # each record is parsed once, as it is reached
+        if len(kept) >= limit:
             break
-        if spec.selects(records[k].meta):
-            kept.append(records[k])
-    if not kept:
+        if spec.selects(record.meta):
+            kept.append(record)
+    if spec.where and not kept:
         raise ValueError(f"{spec.path}: no record matches where={spec.where} (fields: records' extra keys)")
     return kept
 
