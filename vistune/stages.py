@@ -103,10 +103,13 @@ class VLMTask(nn.Module):
 
     @torch.no_grad()
     def _cached(self, paths: list) -> torch.Tensor:
-        """(B_img, N, D) tower features, computing only the images not seen before (in one batch)."""
-        missing = list(dict.fromkeys(str(p) for p in paths if str(p) not in self._features))
-        if missing:
-            self._features.update(zip(missing, self.model.vision(self._pixels(missing)), strict=True))
+        """(B_img, N, D) tower features, computing only the images not seen before.
+
+        One image per forward pass: batched CPU kernels differ in the last bits with the batch's size
+        and company, so a feature must not depend on which images it was first seen with, or a resumed
+        run (whose cache fills in other batches) would not end with the same weights (~2 ms per image)."""
+        for path in dict.fromkeys(str(p) for p in paths if str(p) not in self._features):
+            self._features[path] = self.model.vision(self._pixels([path]))[0]
         return torch.stack([self._features[str(p)] for p in paths])
 
     def count(self, batch: dict) -> int:
