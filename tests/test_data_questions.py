@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from vistune.data import pope, synth
 from vistune.data import questions as Q
-from vistune.data import synth
 
 SCENES = [synth.sample_scene(5, "train", i) for i in range(300)]
 TEXTS = [synth.scene_texts(s, 5) for s in SCENES]
@@ -171,14 +171,14 @@ def test_class_label_is_majority_shape_with_leftmost_tie_break():
 
 
 def test_pope_probes_follow_their_definitions():
-    stats = Q.pope_stats(SCENES)
+    stats = pope.pope_stats(SCENES)
     freq = Counter(n for s in SCENES for n in {f"{o['color']} {o['shape']}" for o in s["objects"]})
     assert stats["frequency"] == dict(freq)
     for scene in SCENES[:100]:
         present = {f"{o['color']} {o['shape']}" for o in scene["objects"]}
         absent = [Q.combo_name(c) for c in Q.COMBOS if Q.combo_name(c) not in present]
-        probes = Q.pope_probes(scene, np.random.default_rng(0), stats)
-        for setting in Q.POPE_SETTINGS:
+        probes = pope.pope_probes(scene, np.random.default_rng(0), stats)
+        for setting in pope.POPE_SETTINGS:
             mine = [p for p in probes if p["setting"] == setting]
             yes = {p["object"] for p in mine if p["answer"] == "yes"}
             no = [p["object"] for p in mine if p["answer"] == "no"]
@@ -191,8 +191,8 @@ def test_pope_probes_follow_their_definitions():
 
 
 def test_pope_records_ask_the_exact_question(tmp_path):
-    stats = Q.pope_stats(SCENES)
+    stats = pope.pope_stats(SCENES)
     for r in synth.pope_records(SCENES[0], 5, stats):
-        assert r["conversations"][0]["value"] == f"<image>\n{Q.pope_question(r['object'])}"
-        assert re.fullmatch(r"Is there an? \w+ \w+ in the image\?", Q.pope_question(r["object"]))
+        assert r["conversations"][0]["value"] == f"<image>\n{pope.pope_question(r['object'])}"
+        assert re.fullmatch(r"Is there an? \w+ \w+ in the image\?", pope.pope_question(r["object"]))
         assert r["answer"] == r["conversations"][1]["value"] in ("yes", "no")

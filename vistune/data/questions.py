@@ -3,7 +3,7 @@
 A scene is the dict written to `scenes/<split>.jsonl` (see `synth.py`): `objects` is a list of
 `{"color", "shape", "size", "x", "y", "radius", "rotation"}` with x, y the centre in pixels (y grows
 downward). From it we derive a short caption, a detailed description, single-turn VQA, multi-turn
-conversations, POPE existence probes and a class label.
+conversations and a class label (POPE existence probes: `pope.py`).
 
 Questions are only asked when their answer is unique and exact: an object is referred to by the
 shortest description (shape, colour+shape, ...) that matches exactly one object, and a spatial relation
@@ -24,7 +24,6 @@ SHAPES = ("circle", "square", "triangle", "star", "diamond")
 SIZES = ("small", "large")
 COMBOS = tuple(product(COLORS, SHAPES))  # every (color, shape) object kind, in a fixed order
 QUESTION_TYPES = ("color", "shape", "size", "count", "exists", "spatial")
-POPE_SETTINGS = ("random", "popular", "adversarial")
 LABELS = SHAPES  # classification labels: the majority shape
 SPATIAL_MARGIN = 0.1  # fraction of the image side two centres must differ by for a relation to be asked
 SHORT_ANSWER = "Answer the question using a single word or number."
@@ -347,58 +346,3 @@ def classify_prompt() -> str:
         "Which shape appears most often in the image? If several are tied, choose the leftmost of them. "
         f"Answer with one of: {', '.join(LABELS)}."
     )
-
-
-def pope_probes(scene: dict, rng: np.random.Generator, stats: dict, k: int = 3) -> list[dict]:
-    """POPE existence probes: k positives and k negatives per setting, each {object, answer, setting}.
-
-    stats: {"frequency": {combo_name: images in train containing it},
-            "cooccurrence": {combo_name: {combo_name: train images containing both}}}.
-    random: negatives drawn uniformly from absent kinds; popular: the absent kinds most frequent in
-    train; adversarial: absent kinds sharing a colour or shape with a present one, ranked by how often
-    they co-occur with the present kinds in train (then the remaining absent kinds, same ranking).
-    Ties break by the fixed COMBOS order.
-    """
-    kinds = {(o["color"], o["shape"]) for o in scene["objects"]}
-    present = [c for c in COMBOS if c in kinds]
-    absent = [c for c in COMBOS if c not in present]
-    n = min(k, len(present), len(absent))
-    positives = [present[i] for i in rng.choice(len(present), n, replace=False)]
-    freq, cooc = stats["frequency"], stats["cooccurrence"]
-
-    def co(c: tuple) -> int:
-        return sum(cooc.get(combo_name(c), {}).get(combo_name(p), 0) for p in present)
-
-    negatives = {
-        "random": [absent[i] for i in rng.choice(len(absent), n, replace=False)],
-        "popular": sorted(absent, key=lambda c: -freq.get(combo_name(c), 0))[:n],
-        "adversarial": sorted(
-            absent, key=lambda c: (not any(c[0] == p[0] or c[1] == p[1] for p in present), -co(c))
-        )[:n],
-    }
-    probes = []
-    for setting in POPE_SETTINGS:
-        items = [(c, "yes") for c in positives] + [(c, "no") for c in negatives[setting]]
-        for i in rng.permutation(len(items)):
-            probes.append({"object": combo_name(items[i][0]), "answer": items[i][1], "setting": setting})
-    return probes
-
-
-def pope_question(obj: str) -> str:
-    """The POPE probe text."""
-    return f"Is there {indefinite(obj)} in the image?"
-
-
-def pope_stats(scenes: Sequence[dict]) -> dict:
-    """Per-kind image frequency and pairwise co-occurrence counts over (training) scenes."""
-    freq: dict[str, int] = {}
-    cooc: dict[str, dict[str, int]] = {}
-    for scene in scenes:
-        kinds = sorted({combo_name((o["color"], o["shape"])) for o in scene["objects"]})
-        for a in kinds:
-            freq[a] = freq.get(a, 0) + 1
-            row = cooc.setdefault(a, {})
-            for b in kinds:
-                if b != a:
-                    row[b] = row.get(b, 0) + 1
-    return {"frequency": freq, "cooccurrence": cooc}

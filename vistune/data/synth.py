@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vistune.data import pope
 from vistune.data import questions as Q
 from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.data.render import COLOR_RGB, draw_scene
@@ -161,15 +162,15 @@ def scene_texts(scene: dict, seed: int) -> dict[str, list[dict]]:
 def pope_records(scene: dict, seed: int, stats: dict) -> list[dict]:
     """The POPE probes of one scene as LLaVA records."""
     rng = rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), 3)
-    records, seen = [], {s: 0 for s in Q.POPE_SETTINGS}
-    for p in Q.pope_probes(scene, rng, stats):
+    records, seen = [], {s: 0 for s in pope.POPE_SETTINGS}
+    for p in pope.pope_probes(scene, rng, stats):
         rid = f"{scene['id']}-pope-{p['setting']}-{seen[p['setting']]}"
         seen[p["setting"]] += 1
         records.append(
             _llava(
                 rid,
                 scene["image"],
-                [(Q.pope_question(p["object"]), p["answer"])],
+                [(pope.pope_question(p["object"]), p["answer"])],
                 answer=p["answer"],
                 pope_setting=p["setting"],
                 object=p["object"],
@@ -208,7 +209,7 @@ def _generate(out: Path, sizes: dict[str, int], seed: int, image_size: int, work
     run = pool.map if pool else lambda fn, jobs: [fn(j) for j in jobs]
     try:
         sampled = run(_sample, [(seed, split, a, b, image_size) for split, a, b in chunks])
-        stats = Q.pope_stats(
+        stats = pope.pope_stats(
             [s for (split, _, _), part in zip(chunks, sampled, strict=True) if split == "train" for s in part]
         )
         described = run(_render_and_describe, [(str(out), seed, part, stats) for part in sampled])
