@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -28,14 +29,8 @@ def select(spec: DataSpec) -> list[Record]:
 
     A `where` that keeps nothing is an error naming the file and the filter (a typo in a field or
     value would otherwise train on nothing, or on everything else)."""
-    records = load_records(spec.path, spec.image_root)
-    limit = spec.limit or len(records)
-    kept: list[Record] = []
-    for record in records:  # each record is parsed once, as it is reached
-        if len(kept) >= limit:
-            break
-        if spec.selects(record.meta):
-            kept.append(record)
+    records = load_records(spec.path, spec.image_root)  # lazy: parsed as reached, each once
+    kept = list(islice((r for r in records if spec.selects(r.meta)), spec.limit or None))
     if spec.where and not kept:
         raise ValueError(f"{spec.path}: no record matches where={spec.where} (fields: records' extra keys)")
     return kept
