@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from itertools import islice
 from pathlib import Path
 
 import yaml
@@ -27,10 +28,8 @@ from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.data.synth import load_scenes
 from vistune.quickstart import RECIPE
 
-BINS = 10  # the recipe's object_words position bins (its default)
 
-
-def as_text(records: list[dict], scenes: dict[str, dict], source: Path) -> list[dict]:
+def as_text(records: list[dict], scenes: dict[str, dict], source: Path, bins: int) -> list[dict]:
     """LLaVA records with the image placeholder replaced by the scene's object list, and no image."""
     out = []
     for record in records:
@@ -39,7 +38,7 @@ def as_text(records: list[dict], scenes: dict[str, dict], source: Path) -> list[
             raise SystemExit(
                 f"{source} record {record.get('id')!r}: no scene graph for image {record.get('image')!r}"
             )
-        listing = ", ".join(truth(scene, BINS))
+        listing = ", ".join(truth(scene, bins))
         turns = [
             dict(t, value=t["value"].replace(IMAGE_PLACEHOLDER, listing)) for t in record["conversations"]
         ]
@@ -47,8 +46,9 @@ def as_text(records: list[dict], scenes: dict[str, dict], source: Path) -> list[
     return out
 
 
-def write_text_data(data: Path, out: Path, files: list[str]) -> None:
-    """OUT/<file> for each of `files` (paths relative to DATA_DIR), as text-only records."""
+def write_text_data(data: Path, out: Path, files: list[str], bins: int) -> None:
+    """OUT/<file> for each of `files` (paths relative to DATA_DIR), as text-only records; positions in
+    `bins` digits, as the recipe's projector spells them."""
     scenes = {
         s["image"]: s for split in ("train", "test") for s in load_scenes(data / "scenes" / f"{split}.jsonl")
     }
@@ -57,7 +57,7 @@ def write_text_data(data: Path, out: Path, files: list[str]) -> None:
         records = json.loads(source.read_text(encoding="utf-8"))
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         tmp = (out / name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(as_text(records, scenes, source)), encoding="utf-8")
+        tmp.write_text(json.dumps(as_text(records, scenes, source, bins)), encoding="utf-8")
         tmp.replace(out / name)
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     files = [str(Path(spec.path).relative_to(out / "data")) for spec in cfg.stages[0].data] + [
         "test/vqa.json"
     ]
-    write_text_data(data, out / "data", files)
+    write_text_data(data, out / "data", files, cfg.model.projector.position_bins)
 
     from vistune.eval.run import evaluate
     from vistune.generate import load_predictor
@@ -96,7 +96,7 @@ def main() -> None:
     start = time.perf_counter()
     model_dir = train(cfg, resume=True)
     train_seconds = time.perf_counter() - start
-    records = list(load_records(out / "data" / "test" / "vqa.json"))[: args.limit]
+    records = list(islice(load_records(out / "data" / "test" / "vqa.json"), args.limit))
     _, metrics = evaluate(
         load_predictor(str(model_dir), batch_size=args.batch_size), records, "vqa", batch_size=args.batch_size
     )
