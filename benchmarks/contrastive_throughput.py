@@ -1,8 +1,9 @@
 """Contrastive training and embedding throughput: samples/s per step variant, images/s and texts/s.
 
-Compares, on one model and one batch, the plain full-batch step, the gradient-cached step (chunks of
-batch/4) and the LiT step with memoised text features, and reports ratios to the plain step (absolute
-times drift on shared machines). Synthetic 64 px images and shapes-world-like captions; no files read.
+Compares, on one model and one batch, the plain full-batch step, the chunked step (batch/4 at a time,
+activations recomputed in the backward pass: gradient caching) and the LiT step with memoised text
+features, and reports ratios to the plain step (absolute times drift on shared machines). Synthetic
+64 px images and shapes-world-like captions; no files read.
 
     python benchmarks/contrastive_throughput.py [--vision-kind clip|siglip|resnet] [--text minilm|DIR]
         [--batch-size 64] [--steps 3] [--threads N]
@@ -20,11 +21,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vistune.config import VISION_KINDS, VisionConfig  # noqa: E402
-from vistune.contrastive import ContrastiveModel  # noqa: E402
-from vistune.text_tower import build_text_tower  # noqa: E402
-from vistune.train_contrastive import grad_cache_step, plain_step, set_trainable  # noqa: E402
-from vistune.vision import build_vision_tower  # noqa: E402
+from vistune.config import VISION_KINDS, Stage, VisionConfig  # noqa: E402
+from vistune.model.contrastive import ContrastiveModel  # noqa: E402
+from vistune.model.text_tower import build_text_tower  # noqa: E402
+from vistune.model.vision import build_vision_tower  # noqa: E402
+from vistune.train.contrastive import ContrastiveObjective  # noqa: E402
+from vistune.train.trainable import set_trainable  # noqa: E402
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -70,16 +72,18 @@ def main() -> None:
     pixels = vision.preprocess(images)
     n = args.batch_size
 
-    def step(fn, train, **kw):
-        set_trainable(model, train)
-        model.text_cache = None if "llm" in train else {}
-        return lambda: (fn(model, pixels, texts, backward=lambda x: x.backward(), **kw), model.zero_grad())
+    def step(train: list[str], chunk: int):
+        stage = Stage(name="bench", kind="contrastive", train=train, batch_size=n, chunk_size=chunk)
+        objective = ContrastiveObjective(model, [(None, t) for t in texts], stage, torch.device("cpu"))
+        set_trainable(objective, objective.parts(), stage)
+        batch = {"pixel_values": pixels, "texts": texts}
+        return lambda: (objective(batch).backward(), model.zero_grad())
 
     full = ["vision", "projector", "llm"]
     rows = [
-        ("train: plain step, both towers", timed(step(plain_step, full), args.steps)),
-        (f"train: grad cache, chunk {n // 4}", timed(step(grad_cache_step, full, chunk=n // 4), args.steps)),
-        ("train: LiT (text locked, cached)", timed(step(plain_step, ["vision", "projector"]), args.steps)),
+        ("train: plain step, both towers", timed(step(full, n), args.steps)),
+        (f"train: chunks of {n // 4} (grad cache)", timed(step(full, n // 4), args.steps)),
+        ("train: LiT (text locked, cached)", timed(step(["vision", "projector"], n), args.steps)),
     ]
     model.eval()
     model.text_cache = None

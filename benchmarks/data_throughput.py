@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from vistune.data.images import load_image
-from vistune.data.llava import load_records
-from vistune.data.synth import synthesize
+from vistune.data.readers import load_records
 from vistune.data.validate import validate
+from vistune.shapes.synth import synthesize
 
 
 def _timed(fn, *args, **kwargs):

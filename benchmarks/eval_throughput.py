@@ -4,7 +4,7 @@
     python benchmarks/eval_throughput.py --fake            # a trivial predictor: the runner's own cost
 
 Builds synthetic shapes-like VQA records (64x64 PNGs in a temporary folder), loads the model once with
-`vistune.generate.load_predictor` and times `vistune.eval.run.evaluate` (image loading, batched
+`vistune.infer.generate.load_generator` and times `vistune.eval.run.evaluate` (image loading, batched
 `predictor.answer`, scoring) at each batch size. Prints one line per batch size and the speed-up over
 batch size 1.
 """
@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from vistune.data.records import Record, Turn
 from vistune.eval.run import evaluate
+from vistune.infer.generate import load_generator
 
 COLORS = ("red", "green", "blue", "yellow")
 
@@ -49,7 +50,7 @@ def make_records(folder: Path, n: int, seed: int = 0) -> list[Record]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", nargs="?", help="trained model directory (vistune.generate.load_predictor)")
+    p.add_argument("model_dir", nargs="?", help="trained model directory (loaded by load_generator)")
     p.add_argument("--fake", action="store_true", help="use a trivial predictor (no model)")
     p.add_argument("--records", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,8,32")
@@ -61,9 +62,7 @@ def main() -> None:
     if a.fake:
         predictor, name = TrivialPredictor(), "trivial predictor"
     else:
-        from vistune.generate import load_predictor
-
-        predictor, name = load_predictor(a.model_dir, batch_size=max(sizes)), a.model_dir
+        predictor, name = load_generator(a.model_dir, batch_size=max(sizes)), a.model_dir
     with tempfile.TemporaryDirectory() as tmp:
         records = make_records(Path(tmp), a.records)
         evaluate(predictor, records[: max(sizes)], "vqa", image_root=tmp, batch_size=max(sizes))  # warm-up

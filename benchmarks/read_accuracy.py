@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from vistune.data.images import load_image
-from vistune.data.synth import load_scenes
-from vistune.model import load_vlm
+from vistune.model.vlm import load_vlm
+from vistune.shapes.synth import load_scenes
 
 
 def truth(scene: dict, bins: int) -> list[str]:

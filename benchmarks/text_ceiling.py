@@ -23,10 +23,13 @@ import yaml
 from read_accuracy import truth
 
 from vistune.config import load_config
-from vistune.data.llava import load_records
+from vistune.data.readers import load_records
 from vistune.data.records import IMAGE_PLACEHOLDER
-from vistune.data.synth import load_scenes
-from vistune.quickstart import RECIPE
+from vistune.eval.run import evaluate
+from vistune.infer.generate import load_generator
+from vistune.shapes.quickstart import RECIPE
+from vistune.shapes.synth import load_scenes
+from vistune.train.run import train
 
 
 def as_text(records: list[dict], scenes: dict[str, dict], source: Path, bins: int) -> list[dict]:
@@ -87,18 +90,14 @@ def main() -> None:
     files = [str(Path(spec.path).relative_to(out / "data")) for spec in cfg.stages[0].data] + [
         "test/vqa.json"
     ]
-    write_text_data(data, out / "data", files, cfg.model.projector.position_bins)
-
-    from vistune.eval.run import evaluate
-    from vistune.generate import load_predictor
-    from vistune.train import train
+    write_text_data(data, out / "data", files, cfg.model.projector.options.get("position_bins", 10))
 
     start = time.perf_counter()
     model_dir = train(cfg, resume=True)
     train_seconds = time.perf_counter() - start
     records = list(islice(load_records(out / "data" / "test" / "vqa.json"), args.limit))
     _, metrics = evaluate(
-        load_predictor(str(model_dir), batch_size=args.batch_size), records, "vqa", batch_size=args.batch_size
+        load_generator(str(model_dir), batch_size=args.batch_size), records, "vqa", batch_size=args.batch_size
     )
     print(f"\ntext ceiling: {len(records)} test questions, instruct stage {train_seconds:.1f} s")
     for qtype, m in sorted(metrics.get("by_question_type", {}).items()):

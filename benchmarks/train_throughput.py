@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from pathlib import Path
 
 import torch
 
-from vistune.chat import IGNORE
 from vistune.config import load_config
-from vistune.model import build_vlm
-from vistune.quickstart import RECIPE
-from vistune.stages import build_task, set_trainable
+from vistune.model.template import IGNORE
+from vistune.model.vlm import build_vlm
+from vistune.shapes.quickstart import RECIPE
+from vistune.train.kinds import build_objective
+from vistune.train.objective import StageContext
+from vistune.train.trainable import set_trainable
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -58,11 +61,8 @@ def stage_flops(model, stage, batch: dict) -> float:
 
 
 def bench_stage(model, stage, steps: int) -> dict:
-    groups = set_trainable(model, stage)
-    task = build_task(stage, model, torch.device("cpu"))
-    if hasattr(task, "parameters_to_train"):
-        groups.append({"params": task.parameters_to_train(), "lr": stage.lr})
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr)
+    task = build_objective(stage, model, StageContext(torch.device("cpu"), Path("/tmp/vistune-bench")))
+    optimizer = torch.optim.AdamW(set_trainable(task, task.parts(), stage), lr=stage.lr)
     size = stage.batch_size
     times, flops, samples, tokens = [], 0.0, 0, 0
     for step in range(steps + 1):  # step 0 warms up (and fills the feature cache): not timed

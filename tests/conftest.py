@@ -43,7 +43,7 @@ def smollm2_tokenizer() -> PreTrainedTokenizerBase:
 
     Session-wide and shared: tests that change it must work on a `copy.deepcopy`.
     """
-    from vistune.llm import load_tokenizer
+    from vistune.model.llm import load_tokenizer
 
     return load_tokenizer("smollm2")
 
@@ -91,7 +91,7 @@ def tiny_model_config(tiny_llm_dir):
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_model_config):
     """Factory: a freshly built tiny VLM (seeded, eval mode) for a tower kind and projector name."""
-    from vistune.model import build_vlm
+    from vistune.model.vlm import build_vlm
 
     def make(kind: str = "clip", projector: str = "mlp2x_gelu", seed: int = 0, **kwargs):
         torch.manual_seed(seed)

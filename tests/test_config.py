@@ -80,7 +80,6 @@ def test_unknown_field_names_the_dotted_path(tmp_path, override, path):
         ("model.vision.patch_size=7", ["patch_size 7"]),
         ("stages.0.train=[projector, everything]", ["stages[0]", "everything"]),
         ("stages.1.train=[llm, lora]", ["llm (full) or lora"]),
-        ("stages.0.kind=rl", ["'rl'"]),
         ("stages.0.on_bad_record=ignore", ["on_bad_record"]),
         ("stages.0.batch_size=0", ["batch_size"]),
         ("stages.0.batch_size=8.5", ["stages[0].batch_size", "8.5"]),
@@ -103,16 +102,34 @@ def test_invalid_values_raise_naming_the_field(tmp_path, override, words):
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
-def test_where_filter_takes_one_value_or_a_list_and_not_scene_files(tmp_path):
+def test_where_filter_takes_one_value_or_a_list(tmp_path):
     cfg = load_config(_write(tmp_path, RAW), ["stages.1.data.0.where={question_type: count, split: [a, b]}"])
     assert cfg.stages[1].data[0].where == {"question_type": ["count"], "split": ["a", "b"]}
     spec = cfg.stages[1].data[0]
     assert spec.selects({"question_type": "count", "split": "b", "other": 1})
     assert not spec.selects({"question_type": "count", "split": "c"})
     assert not spec.selects({"split": "a"})  # a record without the field does not match
-    scene = ["stages.0.kind=scene", "stages.0.train=[vision]", "stages.0.data.0.where={question_type: count}"]
-    with pytest.raises(ValueError, match=r"stages\[0\].*scene files have none"):
-        load_config(_write(tmp_path, RAW), scene)
+
+
+@pytest.mark.parametrize("old", ["words", "slots", "position_bins"])
+def test_renamed_keys_name_the_new_one(tmp_path, old):
+    with pytest.raises(
+        ValueError, match=rf"model\.projector\.{old} was renamed: use model\.projector\.options\.{old}"
+    ):
+        load_config(_write(tmp_path, RAW), [f"model.projector.{old}=3"])
+
+
+def test_llm_from_config_needs_a_model_type(tmp_path):
+    cfg = load_config(_write(tmp_path, RAW), ["model.llm.from_config={model_type: llama, hidden_size: 64}"])
+    assert cfg.model.llm.from_config == {"model_type": "llama", "hidden_size": 64}
+    with pytest.raises(ValueError, match="from_config needs a model_type"):
+        load_config(_write(tmp_path, RAW), ["model.llm.from_config={hidden_size: 64}"])
+
+
+def test_preprocess_is_one_of_three(tmp_path):
+    assert load_config(_write(tmp_path, RAW)).model.vision.preprocess == "pad"
+    with pytest.raises(ValueError, match=r"preprocess 'stretch' is not one of \('squash', 'pad', 'crop'\)"):
+        load_config(_write(tmp_path, RAW), ["model.vision.preprocess=stretch"])
 
 
 def test_unreadable_file_is_a_value_error(tmp_path):

@@ -9,17 +9,28 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("vistune.quickstart:main_quickstart", "generate data, train, evaluate: the whole recipe"),
-    "data synth": ("vistune.data.synth:main_synth", "write the shapes-world dataset"),
+    "quickstart": (
+        "vistune.shapes.quickstart:main_quickstart",
+        "generate data, train, evaluate: the whole recipe",
+    ),
+    "data synth": ("vistune.shapes.synth:main_synth", "write the shapes-world dataset"),
     "data validate": ("vistune.data.validate:main_validate", "check a dataset and report problems"),
-    "data inspect": ("vistune.inspect:main_inspect", "show records token by token with their labels"),
-    "train": ("vistune.train:main_train", "train a model through a config's stages"),
-    "chat": ("vistune.chat_session:main_chat", "talk with a model about images (or text only)"),
+    "data inspect": ("vistune.train.inspect:main_inspect", "show records token by token with their labels"),
+    "train": ("vistune.train.run:main_train", "train a model through a config's stages"),
+    "chat": ("vistune.infer.session:main_chat", "talk with a model about images (or text only)"),
     "eval": ("vistune.eval.run:main_eval", "score a model on a benchmark file or suite"),
-    "contrastive": ("vistune.train_contrastive:main_train_contrastive", "CLIP/SigLIP image-text pretraining"),
-    "embed": ("vistune.embed:main_embed", "write normalised image or text embeddings"),
-    "classify": ("vistune.embed:main_classify", "zero-shot classification of images"),
-    "classifier": ("vistune.classify:main_train_classifier", "linear probe or fine-tune on an ImageFolder"),
+    "contrastive": ("vistune.train.contrastive:main_train_contrastive", "CLIP/SigLIP image-text pretraining"),
+    "embed": ("vistune.infer.embed:main_embed", "write normalised image or text embeddings"),
+    "classify": ("vistune.infer.embed:main_classify", "zero-shot classification of images"),
+    "classifier": (
+        "vistune.train.classifier:main_train_classifier",
+        "linear probe or fine-tune on an ImageFolder",
+    ),
+}
+# `vistune eval` options that run another scorer than generation: (option, value) -> target.
+EVAL_ROUTES = {
+    ("--task", "retrieval"): "vistune.eval.retrieval:main_eval_retrieval",  # scores embeddings
+    ("--suite", "shapes"): "vistune.shapes.suite:main_suite",  # every task on the shapes world's splits
 }
 
 
@@ -38,10 +49,10 @@ def _resolve(argv: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
-def _pop_task(args: list[str], task: str) -> bool:
-    """Remove `--task TASK` (or `--task=TASK`) from args in place; say whether it was there."""
+def _pop_option(args: list[str], option: str, value: str) -> bool:
+    """Remove `OPTION VALUE` (or `OPTION=VALUE`) from args in place; say whether it was there."""
     for i, arg in enumerate(args):
-        if arg == f"--task={task}" or (arg == "--task" and args[i + 1 : i + 2] == [task]):
+        if arg == f"{option}={value}" or (arg == option and args[i + 1 : i + 2] == [value]):
             del args[i : i + (1 if "=" in arg else 2)]
             return True
     return False
@@ -56,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     name, rest = found
     target = COMMANDS[name][0]
-    if name == "eval" and _pop_task(rest, "retrieval"):  # retrieval scores embeddings, not generations
-        target = "vistune.eval.retrieval:main_eval_retrieval"
+    if name == "eval":
+        target = next((t for (o, v), t in EVAL_ROUTES.items() if _pop_option(rest, o, v)), target)
     module, function = target.split(":")
     try:
         return int(getattr(importlib.import_module(module), function)(rest) or 0)

@@ -18,8 +18,18 @@ import yaml
 # CNN towers use transformers' ResNetModel (kind "resnet"), not timm: timm hard-requires torchvision, and
 # PyPI's torchvision cannot import beside the CPU build of torch 2.13 that this project pins.
 VISION_KINDS = ("clip", "siglip", "resnet")
-STAGE_KINDS = ("vlm", "contrastive", "scene")
+# How an image becomes the tower's square input: squash (resize, aspect ratio lost), pad (to a square
+# with the mean colour, then resize: LLaVA-1.5), crop (shortest edge to size, centre crop: CLIP).
+PREPROCESS = ("squash", "pad", "crop")
 TRAINABLE = ("vision", "projector", "llm", "lora")
+# Keys that moved: the old spelling is rejected with a message naming the new one.
+RENAMED = {
+    "ProjectorConfig": {
+        "words": "options.words",
+        "slots": "options.slots",
+        "position_bins": "options.position_bins",
+    },
+}
 
 
 @dataclass
@@ -45,10 +55,13 @@ class VisionConfig:
     intermediate_size: int = 768
     feature_layer: int = -1  # which hidden layer feeds the projector (-2 is LLaVA's choice)
     use_cls: bool = False  # keep the CLS token (CLIP) in the image features
+    preprocess: str = "pad"  # squash | pad | crop (see PREPROCESS)
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
             raise ValueError(f"vision.kind {self.kind!r} is not one of {VISION_KINDS}")
+        if self.preprocess not in PREPROCESS:
+            raise ValueError(f"vision.preprocess {self.preprocess!r} is not one of {PREPROCESS}")
         if self.kind != "resnet" and self.image_size % self.patch_size:
             raise ValueError(
                 f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -59,31 +72,41 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    """Maps vision features (B, N, Dv) to LLM embeddings (B, N', Dl)."""
+    """Maps vision features (B, N, Dv) to LLM embeddings (B, N', Dl).
+
+    `name` is a registered projector (`vistune.model.projector.PROJECTORS`); `options` holds the
+    settings of projectors that extensions register, which check them when they are built.
+    """
 
     name: str = "mlp2x_gelu"
-    shuffle_factor: int = 2  # pixel_shuffle, visual_words: merge f x f neighbouring tokens into one
+    shuffle_factor: int = 2  # pixel_shuffle: merge f x f neighbouring tokens into one
     num_queries: int = 16  # resampler: learned queries
-    words: list[list[str]] = field(default_factory=list)  # visual_words, object_words: word groups
-    slots: int = 6  # object_words: most objects an image is read as
-    position_bins: int = 10  # object_words: x and y are each read as one digit 0..bins-1 (at most 10)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.slots < 1:
-            raise ValueError(f"projector.slots must be at least 1, got {self.slots}")
-        if not 2 <= self.position_bins <= 10:
-            raise ValueError(
-                f"projector.position_bins must be 2..10 (one digit each), got {self.position_bins}"
-            )
+        for name in ("shuffle_factor", "num_queries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"projector.{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
 class LLMConfig:
-    """Any Hugging Face causal LM by hub id or local directory; `smollm2` is the embedded default."""
+    """Any Hugging Face causal LM by hub id or local directory; `smollm2` is the embedded default.
+
+    `from_config` builds the LLM with random weights from a transformers config instead of loading it,
+    e.g. `{model_type: llama, hidden_size: 256, num_hidden_layers: 4, ...}`; the tokenizer and chat
+    template still come from `name_or_path`, and vocabulary size and special-token ids default to the
+    tokenizer's.
+    """
 
     name_or_path: str = "smollm2"
     chat_template: str | None = None  # override: "chatml" (no default system prompt) or a Jinja string
     dtype: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
+    from_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.from_config is not None and not isinstance(self.from_config.get("model_type"), str):
+            raise ValueError("llm.from_config needs a model_type (e.g. llama), as in a transformers config")
 
 
 @dataclass
@@ -123,8 +146,9 @@ class DataSpec:
 class Stage:
     """One training stage: what data, which modules learn, and how long.
 
-    kind: `vlm` (next-token loss on assistant tokens), `contrastive` (image-text), or `scene`
-    (vision tower predicts the objects of a scene graph; no LLM).
+    kind: a registered objective (`vistune.train.objective.OBJECTIVES`): `vlm` (next-token loss on
+    assistant tokens), `contrastive` (image-text), `classify` (the tower with a linear head on an
+    ImageFolder), or one an extension adds (the shapes world's `scene`).
     train: trainable module sets among vision, projector, llm (full), lora (adapters on the LLM).
     """
 
@@ -154,8 +178,6 @@ class Stage:
     chunk_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.kind not in STAGE_KINDS:
-            raise ValueError(f"stage {self.name!r}: kind {self.kind!r} is not one of {STAGE_KINDS}")
         bad = [t for t in self.train if t not in TRAINABLE]
         if bad:
             raise ValueError(f"stage {self.name!r}: train has {bad}; valid names are {TRAINABLE}")
@@ -167,8 +189,6 @@ class Stage:
             if getattr(self, name) < 1:
                 raise ValueError(f"stage {self.name!r}: {name} must be at least 1")
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
-        if self.kind == "scene" and any(d.where for d in self.data):
-            raise ValueError(f"stage {self.name!r}: `where` filters records; scene files have none")
 
 
 @dataclass
@@ -200,14 +220,19 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from nested dicts, naming the offending key on error."""
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from nested dicts, checking each field's type and naming the offending key
+    on error (`where` prefixes the names, e.g. "projector.options")."""
     if not dataclasses.is_dataclass(cls):
         return data
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    for old, new in RENAMED.get(cls.__name__, {}).items():
+        if old in data:
+            raise ValueError(f"{prefix}{old} was renamed: use {prefix}{new}")
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; valid: {sorted(names)}")
@@ -218,9 +243,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
             if not isinstance(value, list):
                 raise ValueError(f"{sub}: expected a list, got {type(value).__name__}")
-            kwargs[key] = [_build(get_args(hint)[0], v, f"{sub}[{i}]") for i, v in enumerate(value)]
+            kwargs[key] = [build_dataclass(get_args(hint)[0], v, f"{sub}[{i}]") for i, v in enumerate(value)]
         elif dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, sub)
+            kwargs[key] = build_dataclass(hint, value, sub)
         else:
             kwargs[key] = _check_value(hint, value, sub)
     try:
@@ -256,7 +281,7 @@ def _check_value(hint: Any, value: Any, where: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build a validated Config from a plain dict (as read from YAML or JSON)."""
-    return _build(Config, data, "")
+    return build_dataclass(Config, data, "")
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from vistune.data.images import DEFAULT_MAX_PIXELS, ImageError, check_image
-from vistune.data.llava import DataError, load_records
+from vistune.data.readers import DataError, load_records
 from vistune.data.records import IMAGE_PLACEHOLDER, ROLES, Record
 
 PROBLEM_KINDS = (

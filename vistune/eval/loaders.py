@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from vistune.data.readers import load_records
 from vistune.data.records import IMAGE_PLACEHOLDER, Record, Turn
 
 # LLaVA-1.5's evaluation prompt for short-answer benchmarks.
@@ -129,11 +130,9 @@ def load_textvqa(path: str | Path) -> list[Record]:
 
 
 def load_llava(path: str | Path) -> list[Record]:
-    """LLaVA JSON/JSONL (or an ImageFolder) through `vistune.data.llava.load_records`; extra fields land
+    """LLaVA JSON/JSONL (or an ImageFolder) through `vistune.data.readers.load_records`; extra fields land
     in meta. A malformed record does not stop the load: it becomes a stand-in Record whose
     meta[LOAD_ERROR] holds the error, so the runner reports it as a failed row."""
-    from vistune.data.llava import load_records
-
     recordset = load_records(str(path))
     records = []
     for i in range(len(recordset)):

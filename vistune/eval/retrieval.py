@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vistune.data.readers import caption_of, load_records
+from vistune.infer.embed import embed_image_files, embed_text_list
+from vistune.model.contrastive import load_contrastive
+
 
 def recall_at_k(
     image_emb: np.ndarray,
@@ -67,11 +71,6 @@ def chance_at_k(
 
 def main_eval_retrieval(argv: list[str] | None = None) -> int:
     """`vistune eval --task retrieval`: recall@1/5/10 of a contrastive model on a pairs file."""
-    from vistune.contrastive import load_contrastive
-    from vistune.data.llava import load_records
-    from vistune.embed import embed_image_files, embed_text_list
-    from vistune.train_contrastive import caption_of
-
     p = argparse.ArgumentParser(prog="vistune eval --task retrieval", description=main_eval_retrieval.__doc__)
     p.add_argument("model_dir", help="a contrastive model directory")
     p.add_argument("--data", required=True, help="pairs JSONL (or LLaVA captions) of the held-out split")

@@ -3,8 +3,8 @@
 `evaluate` turns records into rows: it builds each prompt, loads the images itself (so a missing or
 corrupt image, or a malformed record, becomes a failed row rather than a crash), calls
 `predictor.answer` on batches, and scores the rows with the task. `run_eval` also writes
-predictions.jsonl, metrics.json, report.md and PNGs; `run_suite` runs every task on the shapes world's
-test and compositional splits and writes one report comparing them.
+predictions.jsonl, metrics.json, report.md and PNGs. (The shapes world's suite, every task on its
+splits, is `vistune.shapes.suite`; `vistune eval --suite shapes` runs it.)
 """
 
 from __future__ import annotations
@@ -17,18 +17,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from vistune.data.images import load_image
 from vistune.data.records import Record, Turn
 from vistune.eval import report
+from vistune.eval.loaders import load_eval_records
 from vistune.eval.tasks import TASKS, get_task, make_row, score_rows
+from vistune.eval.text_bench import retention, text_records
+from vistune.infer.generate import load_generator
 
 # A zero-shot classifier (from embeddings): (records, images per record, labels) -> one label each.
 Classifier = Callable[[Sequence[Record], list[list], Sequence[str]], list[str]]
-SHAPES_FILES = {
-    "vqa": "vqa.json",
-    "caption": "captions.json",
-    "pope": "pope.json",
-    "classify": "classify.json",
-}
 
 
 class Predictor(Protocol):
@@ -39,12 +37,6 @@ class Predictor(Protocol):
     ) -> list[str]:
         """One answer per conversation; each ends with a user turn with one `<image>` per image."""
         ...
-
-
-def _default_loader() -> Callable[[str], object]:
-    from vistune.data.images import load_image
-
-    return load_image
 
 
 def _load_images(row: dict, image_root, loader) -> list | None:
@@ -89,7 +81,7 @@ def evaluate(
         raise ValueError("evaluate needs a predictor (or, for classify, a classifier)")
     if classifier is not None and task != "classify":
         raise ValueError(f"a classifier only applies to task 'classify', not {task!r}")
-    loader = image_loader or (_default_loader() if any(r.images for r in records) else None)
+    loader = image_loader or load_image
     rows, pending = [], []
     for record in records:
         row, turns = make_row(record, spec, labels)
@@ -162,60 +154,20 @@ def rescore(
     return rows, score_rows(task, rows, labels, meteor=meteor)
 
 
-def shapes_labels(data_dir: str | Path) -> list[str]:
-    """The class names in SHAPES_DIR/manifest.json ('labels')."""
-    path = Path(data_dir) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    if not isinstance(manifest.get("labels"), list) or not manifest["labels"]:
-        raise ValueError(f"{path}: field 'labels' must be a non-empty list")
-    return [str(x) for x in manifest["labels"]]
-
-
-def run_suite(
-    predictor: Predictor,
-    data_dir: str | Path,
-    out_dir: str | Path,
-    splits: Sequence[str] = ("test", "compositional"),
-    tasks: Sequence[str] = ("vqa", "caption", "pope", "classify", "text"),
-    batch_size: int = 8,
-    limit: int | None = None,
-    image_loader: Callable[[str], object] | None = None,
-    meteor: bool = True,
-) -> dict:
-    """Every task on each shapes-world split; returns {split: {task: metrics}, "text": metrics}.
-
-    Writes OUT/<split>/<task>/ (each task's report), OUT/text/ and OUT/report.md comparing splits.
-    `limit` caps records per file (for quick looks). The text task does not depend on the split.
-    """
-    from vistune.eval.loaders import load_llava
-    from vistune.eval.text_bench import text_records
-
-    data_dir, out = Path(data_dir), Path(out_dir)
-    labels = shapes_labels(data_dir) if "classify" in tasks else None
-    results: dict = {}
-    for split in splits:
-        results[split] = {}
-        for task in [t for t in tasks if t != "text"]:
-            records = load_llava(data_dir / split / SHAPES_FILES[task])[:limit]
-            results[split][task] = run_eval(
-                predictor, records, task, out / split / task, image_root=data_dir / "images",
-                info={"split": split, "data": str(data_dir / split / SHAPES_FILES[task])},
-                image_loader=image_loader, batch_size=batch_size, labels=labels, meteor=meteor,
-            )  # fmt: skip
-    if "text" in tasks:
-        results["text"] = run_eval(
-            predictor, text_records()[:limit], "text", out / "text", batch_size=batch_size
-        )
-    report.write_suite_report(out, results, info={"data": str(data_dir), "splits": ", ".join(splits)})
-    return results
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vistune eval", description="Evaluate a trained model on a benchmark.")
+    p = argparse.ArgumentParser(
+        prog="vistune eval",
+        description="Evaluate a trained model on a benchmark.",
+        epilog="Also: --task retrieval (recall@k of a contrastive model) and --suite shapes (every task on "
+        "the shapes world's splits); each has its own --help.",
+    )
     p.add_argument("model_dir", nargs="?", help="trained model directory (not needed with --predictions)")
-    p.add_argument("--task", choices=TASKS, help="what to measure")
-    p.add_argument("--suite", choices=("shapes",), help="run every task on the shapes world splits")
-    p.add_argument("--data", help="benchmark file (or the shapes world directory with --suite)")
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        help="what to measure (retrieval: see `vistune eval --task retrieval --help`)",
+    )
+    p.add_argument("--data", help="benchmark file")
     p.add_argument("--format", default="llava", help="llava, vqav2, gqa, pope or textvqa (default llava)")
     p.add_argument("--annotations", help="VQAv2 annotations JSON (with --format vqav2)")
     p.add_argument("--image-root", help="directory the image paths are relative to")
@@ -231,9 +183,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    if a.suite and a.task:
-        p.error("give either --suite or --task, not both")
-    if not a.suite and not a.task:
+    if not a.task:
         p.error("give --task (or --suite shapes)")
     if not a.predictions and not a.model_dir:
         p.error("MODEL_DIR is required unless --predictions is given")
@@ -244,7 +194,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def main_eval(argv: list[str] | None = None) -> int:
-    """`vistune eval`: run or re-score one task, or the shapes suite; print the metrics.
+    """`vistune eval`: run or re-score one task; print the metrics.
 
     Returns 0, or 2 after printing the message when the data or arguments are wrong (ValueError).
     """
@@ -269,15 +219,7 @@ def _main(a: argparse.Namespace) -> int:
         report.write_report(a.out, a.task, metrics, rows, image_root=image_root, info=info)
         print(json.dumps(_brief(metrics), indent=2, default=float))
         return 0
-    from vistune.generate import load_predictor
-
-    predictor = load_predictor(a.model_dir, batch_size=a.batch_size)
-    if a.suite:
-        results = run_suite(
-            predictor, a.data, a.out, batch_size=a.batch_size, limit=a.limit, meteor=not a.no_meteor
-        )
-        print(report.suite_table(results))
-        return 0
+    predictor = load_generator(a.model_dir, batch_size=a.batch_size)
     metrics = _run_task(a, predictor, labels)
     print(json.dumps(_brief(metrics), indent=2, default=float))
     return 0
@@ -285,9 +227,6 @@ def _main(a: argparse.Namespace) -> int:
 
 def _run_task(a: argparse.Namespace, predictor: Predictor, labels: list[str] | None) -> dict:
     """One task from the command line (text: optionally against the base LLM)."""
-    from vistune.eval.loaders import load_eval_records
-    from vistune.eval.text_bench import retention, text_records
-
     image_root = a.image_root
     if a.task == "text" and not a.data:
         records = text_records()
@@ -307,9 +246,7 @@ def _run_task(a: argparse.Namespace, predictor: Predictor, labels: list[str] | N
     }
     metrics = run_eval(predictor, records, a.task, a.out, image_root=image_root, info=info, **kwargs)
     if a.base:
-        from vistune.generate import load_llm_predictor
-
-        base = load_llm_predictor(a.base, batch_size=a.batch_size)
+        base = load_generator(a.base, batch_size=a.batch_size)
         base_metrics = run_eval(base, records, "text", Path(a.out) / "base", info={"model": a.base}, **kwargs)
         metrics["base"] = base_metrics
         metrics["retention"] = retention(metrics, base_metrics)

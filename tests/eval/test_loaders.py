@@ -1,0 +1,163 @@
+"""Benchmark loaders on tiny hand-made files in each official layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vistune.eval import loaders
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_vqav2_questions_and_annotations(tmp_path):
+    q = _write(
+        tmp_path / "q.json",
+        {
+            "data_subtype": "val2014",
+            "questions": [
+                {"question_id": 1, "image_id": 42, "question": "What color is the bus?"},
+                {"question_id": 2, "image_id": 7, "question": "How many dogs?"},
+            ],
+        },
+    )
+    answers = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(["red"] * 8 + ["orange"] * 2)]
+    a = _write(
+        tmp_path / "a.json",
+        {
+            "annotations": [
+                {
+                    "question_id": 1,
+                    "question_type": "what color is the",
+                    "answer_type": "other",
+                    "multiple_choice_answer": "red",
+                    "answers": answers,
+                },
+                {
+                    "question_id": 2,
+                    "question_type": "how many",
+                    "answer_type": "number",
+                    "multiple_choice_answer": "2",
+                    "answers": [{"answer": "2", "answer_id": 1}] * 10,
+                },
+            ]
+        },
+    )
+    records = loaders.load_vqav2(q, a)
+    assert [r.id for r in records] == ["1", "2"]
+    r = records[0]
+    assert r.images == ["val2014/COCO_val2014_000000000042.jpg"]
+    assert r.turns[0].role == "user" and r.turns[0].content.startswith("<image>\nWhat color is the bus?")
+    assert loaders.SHORT_ANSWER in r.turns[0].content
+    assert len(r.meta["answers"]) == 10 and r.meta["question_type"] == "what color is the"
+    assert records[1].meta["answer_type"] == "number"
+    assert loaders.load_vqav2(q)[0].meta == {}  # questions only: no references
+
+
+def test_vqav2_missing_annotation_names_question(tmp_path):
+    q = _write(tmp_path / "q.json", {"questions": [{"question_id": 9, "image_id": 1, "question": "?"}]})
+    a = _write(tmp_path / "a.json", {"annotations": []})
+    with pytest.raises(ValueError, match="question_id 9"):
+        loaders.load_vqav2(q, a)
+
+
+def test_gqa_balanced_questions(tmp_path):
+    path = _write(
+        tmp_path / "testdev_balanced_questions.json",
+        {
+            "201307251": {
+                "imageId": "n15740",
+                "question": "Is the sky blue?",
+                "answer": "yes",
+                "types": {"structural": "verify", "semantic": "attr"},
+            },
+            "201640614": {"imageId": "n41021", "question": "What is on the table?", "answer": "cup"},
+        },
+    )
+    records = loaders.load_gqa(path)
+    assert records[0].images == ["n15740.jpg"] and records[0].meta["question_type"] == "verify"
+    assert records[1].meta == {"answers": ["cup"], "answer": "cup", "question_type": "unknown"}
+
+
+def test_gqa_missing_field_names_entry(tmp_path):
+    path = _write(tmp_path / "g.json", {"123": {"imageId": "x", "question": "q?"}})
+    with pytest.raises(ValueError, match="entry '123': missing field 'answer'"):
+        loaders.load_gqa(path)
+
+
+def test_pope_jsonl(tmp_path):
+    path = tmp_path / "coco_pope_adversarial.json"
+    lines = [
+        {
+            "question_id": 1,
+            "image": "COCO_val2014_1.jpg",
+            "text": "Is there a dog in the image?",
+            "label": "yes",
+        },
+        {
+            "question_id": 2,
+            "image": "COCO_val2014_1.jpg",
+            "text": "Is there a car in the image?",
+            "label": "No",
+        },
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    records = loaders.load_pope(path)
+    assert [r.meta["answer"] for r in records] == ["yes", "no"]
+    assert {r.meta["pope_setting"] for r in records} == {"adversarial"}
+    assert loaders.load_pope(path, setting="random")[0].meta["pope_setting"] == "random"
+    path.write_text(json.dumps({**lines[0], "label": "maybe"}))
+    with pytest.raises(ValueError, match="yes/no"):
+        loaders.load_pope(path)
+
+
+def test_textvqa(tmp_path):
+    path = _write(
+        tmp_path / "TextVQA_0.5.1_val.json",
+        {
+            "data": [
+                {
+                    "question_id": 34602,
+                    "image_id": "003a8ae2ef43b901",
+                    "question": "what brand?",
+                    "answers": ["nokia"] * 9 + ["nokia phone"],
+                }
+            ]
+        },
+    )
+    (r,) = loaders.load_textvqa(path)
+    assert r.images == ["003a8ae2ef43b901.jpg"] and len(r.meta["answers"]) == 10
+
+
+def test_llava_file_keeps_bad_records_as_stand_ins(tmp_path):
+    pytest.importorskip("vistune.data.readers")
+    path = _write(
+        tmp_path / "vqa.json",
+        [
+            {
+                "id": "ok",
+                "image": "a.png",
+                "question_type": "color",
+                "answer": "red",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color?"},
+                    {"from": "gpt", "value": "red"},
+                ],
+            },
+            {"id": "bad", "image": "b.png", "conversations": [{"from": "robot", "value": "hi"}]},
+        ],
+    )
+    ok, bad = loaders.load_llava(path)
+    assert ok.meta["question_type"] == "color" and ok.turns[0].role == "user"
+    assert bad.id == "bad" and "robot" in bad.meta[loaders.LOAD_ERROR]
+
+
+def test_unknown_format_lists_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="valid formats: llava, vqav2, gqa, pope, textvqa"):
+        loaders.load_eval_records("coco", tmp_path / "x.json")
+    with pytest.raises(ValueError, match="only used with --format vqav2"):
+        loaders.load_eval_records("gqa", tmp_path / "x.json", annotations=tmp_path / "a.json")

@@ -1,0 +1,306 @@
+"""The runner, reports, suite and CLI with a fake predictor: batching, failures, files written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from vistune.data.records import Record, Turn
+from vistune.eval import run, text_bench
+from vistune.eval.report import read_predictions, suite_table
+from vistune.shapes.suite import run_suite
+
+
+class FakePredictor:
+    """Answers from a question -> answer table; checks what the runner hands it."""
+
+    def __init__(self, table: dict[str, str] | None = None, default: str = "no idea"):
+        self.table, self.default, self.batches = table or {}, default, []
+
+    def answer(self, conversations, images, max_new_tokens=32):
+        assert len(conversations) == len(images)
+        self.batches.append(len(conversations))
+        out = []
+        for conv, imgs in zip(conversations, images, strict=True):
+            assert conv[-1].role == "user"
+            assert sum(t.content.count("<image>") for t in conv) == len(imgs)
+            assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in imgs)
+            question = conv[-1].content.replace("<image>", "").strip()
+            out.append(next((a for q, a in self.table.items() if q in question), self.default))
+        return out
+
+
+def _image(root, name, color=(255, 0, 0)):
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), color).save(path)
+    return name
+
+
+def _rec(rid, question, image=None, **meta):
+    text = f"<image>\n{question}" if image else question
+    return Record(
+        id=rid, images=[image] if image else [], turns=[Turn("user", text)], meta=meta, source="t.json"
+    )
+
+
+def _vqa_records(tmp_path):
+    recs = [
+        _rec(
+            f"q{i}",
+            f"What color is shape {i}?",
+            _image(tmp_path, f"{i}.png"),
+            answer="red",
+            question_type="color",
+        )
+        for i in range(5)
+    ]
+    recs.append(_rec("missing", "What color is shape 9?", "nope.png", answer="red", question_type="color"))
+    (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
+    recs.append(_rec("corrupt", "What color is shape 8?", "corrupt.png", answer="red", question_type="color"))
+    # malformed: an image but no placeholder in the prompt
+    recs.append(Record("noplace", ["0.png"], [Turn("user", "What?")], {"answer": "red"}, "t.json"))
+    return recs
+
+
+def test_evaluate_batches_and_scores_failures(tmp_path):
+    pred = FakePredictor({"shape 0": "Red.", "shape 1": "red", "shape 2": "blue", "shape 9": "red"})
+    rows, m = run.evaluate(pred, _vqa_records(tmp_path), "vqa", image_root=tmp_path, batch_size=2)
+    assert len(rows) == 8  # every record gives a row, none dropped
+    assert sum(pred.batches) == 5 and max(pred.batches) <= 2
+    assert m["failures"] == 3 and set(m["failed_ids"]) == {"missing", "corrupt", "noplace"}
+    by_id = {r["id"]: r for r in rows}
+    assert "missing image" in by_id["missing"]["error"] and by_id["missing"]["score"] == 0.0
+    assert "placeholder" in by_id["noplace"]["error"]
+    # 'noplace' is malformed: listed as a failure but not scored; missing/corrupt images score 0
+    assert m["accuracy"] == pytest.approx(2 / 7) and m["exact_match"] == pytest.approx(2 / 7)
+    assert m["by_question_type"] == {"color": {"accuracy": pytest.approx(2 / 7), "n": 7}}
+    assert m["n"] == 7 and m["n_records"] == 8 and m["timing"]["records_per_s"] > 0
+
+
+def test_run_eval_writes_predictions_report_and_grid(tmp_path):
+    out = tmp_path / "out"
+    pred = FakePredictor({"shape 0": "red"})
+    metrics = run.run_eval(pred, _vqa_records(tmp_path), "vqa", out, image_root=tmp_path, batch_size=3)
+    rows = read_predictions(out / "predictions.jsonl")
+    assert len(rows) == 8 and {"id", "prompt", "answer", "references", "correct", "score"} <= set(rows[0])
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == pytest.approx(metrics["accuracy"])
+    md = (out / "report.md").read_text()
+    assert "![samples" in md and "(grid.png)" in md and "## Failures (3)" in md and "`corrupt`" in md
+    with Image.open(out / "grid.png") as im:
+        assert im.size[0] > 200
+
+
+def test_pope_task_per_setting(tmp_path):
+    img = _image(tmp_path, "a.png")
+    recs = [
+        _rec("1", "Is there a circle?", img, answer="yes", pope_setting="random"),
+        _rec("2", "Is there a star?", img, answer="no", pope_setting="random"),
+        _rec("3", "Is there a square?", img, answer="yes", pope_setting="adversarial"),
+        _rec("4", "Is there a moon?", img, answer="no", pope_setting="adversarial"),
+    ]
+    pred = FakePredictor({"circle": "Yes, there is.", "star": "Yes", "square": "No.", "moon": "I think not"})
+    rows, m = run.evaluate(pred, recs, "pope", image_root=tmp_path)
+    assert [r["parsed"] for r in rows] == ["yes", "yes", "no", "invalid"]
+    assert m["overall"]["accuracy"] == 0.25 and m["random"]["yes_ratio"] == 1.0
+    assert m["adversarial"]["invalid"] == 1
+
+
+def test_classify_generative_and_zero_shot_hook(tmp_path):
+    labels = ["circle", "square", "triangle"]
+    recs = [
+        _rec(f"c{i}", "What shape is this?", _image(tmp_path, f"{lab}.png"), label=lab)
+        for i, lab in enumerate(labels)
+    ]
+    recs.append(_rec("odd", "What shape is this?", _image(tmp_path, "x.png"), label="hexagon"))
+    seen = []
+
+    class Recorder(FakePredictor):
+        def answer(self, conversations, images, max_new_tokens=32):
+            seen.extend(c[-1].content for c in conversations)
+            return ["It is a square."] * len(conversations)
+
+    rows, m = run.evaluate(Recorder(), recs, "classify", image_root=tmp_path, labels=labels)
+    assert all("Answer with one of: circle, square, triangle." in s for s in seen)
+    assert m["accuracy"] == pytest.approx(1 / 3) and m["failures"] == 1  # 'odd' has an unknown label
+    assert m["confusion"]["matrix"][0] == [0, 1, 0, 0]
+
+    def zero_shot(records, images, labs):
+        assert len(records) == len(images) and list(labs) == labels
+        return [r.meta["label"] for r in records]
+
+    rows, m = run.evaluate(
+        None, recs[:3], "classify", image_root=tmp_path, labels=labels, classifier=zero_shot
+    )
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0
+    run.run_eval(
+        None, recs[:3], "classify", tmp_path / "cls", image_root=tmp_path, labels=labels, classifier=zero_shot
+    )
+    assert (tmp_path / "cls" / "confusion.png").exists()
+    with pytest.raises(ValueError, match="only applies"):
+        run.evaluate(None, recs, "vqa", classifier=zero_shot)
+
+
+def test_caption_task(tmp_path):
+    recs = [
+        Record(
+            f"k{i}",
+            [_image(tmp_path, f"k{i}.png")],
+            [Turn("user", "<image>\nDescribe."), Turn("assistant", cap)],
+            {},
+            "t.json",
+        )
+        for i, cap in enumerate(["a red circle", "two blue squares", "a green star"])
+    ]
+    pred = FakePredictor({"Describe": "a red circle"})
+    rows, m = run.evaluate(pred, recs, "caption", image_root=tmp_path, meteor=False)
+    assert rows[0]["score"] > rows[1]["score"] and rows[0]["correct"] is None
+    assert 0 < m["BLEU-1"] <= 1 and m["failures"] == 0
+
+
+def test_text_task_and_retention():
+    records = text_bench.text_records()
+    assert 40 <= len(records) <= 60 and len({r.id for r in records}) == len(records)
+    oracle = FakePredictor({r.turns[0].content: r.meta["answers"][0] for r in records})
+    _, good = run.evaluate(oracle, records, "text", batch_size=16)
+    _, bad = run.evaluate(FakePredictor(default="Sorry."), records, "text", batch_size=16)
+    assert good["accuracy"] == 1.0 and bad["accuracy"] == 0.0
+    assert text_bench.retention(bad, good) == {"model_accuracy": 0.0, "base_accuracy": 1.0, "retention": 0.0}
+    assert text_bench.retention(good, bad)["retention"] is None
+
+
+def test_unknown_task_lists_valid_names():
+    with pytest.raises(ValueError, match="valid tasks: vqa, caption, pope, classify, text"):
+        run.evaluate(FakePredictor(), [], "ocr")
+
+
+def _shapes_dir(tmp_path):
+    root = tmp_path / "shapes"
+    for split in ("test", "compositional"):
+        img = f"{split}/0.png"
+        _image(root / "images", img)
+        human = {"from": "human", "value": "<image>\nWhat color is the circle?"}
+        files = {
+            "vqa": [
+                {
+                    "id": "v0",
+                    "image": img,
+                    "question_type": "color",
+                    "answer": "red",
+                    "conversations": [human, {"from": "gpt", "value": "red"}],
+                }
+            ],
+            "captions": [
+                {
+                    "id": "c0",
+                    "image": img,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nDescribe the picture."},
+                        {"from": "gpt", "value": "a red circle"},
+                    ],
+                }
+            ],
+            "pope": [
+                {
+                    "id": "p0",
+                    "image": img,
+                    "answer": "yes",
+                    "pope_setting": "random",
+                    "object": "circle",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nIs there a circle?"},
+                        {"from": "gpt", "value": "yes"},
+                    ],
+                }
+            ],
+            "classify": [
+                {
+                    "id": "k0",
+                    "image": img,
+                    "label": "circle",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhich shape is it?"},
+                        {"from": "gpt", "value": "circle"},
+                    ],
+                }
+            ],
+        }
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (root / split / f"{name}.json").write_text(json.dumps(data))
+    (root / "manifest.json").write_text(json.dumps({"labels": ["circle", "square"]}))
+    return root
+
+
+def test_run_suite_compares_splits(tmp_path):
+    pytest.importorskip("vistune.data.readers")
+    pred = FakePredictor(
+        {"color": "red", "Describe": "a red circle", "Is there": "yes", "Which shape": "circle"}
+    )
+    results = run_suite(pred, _shapes_dir(tmp_path), tmp_path / "out", meteor=False, limit=10)
+    assert set(results) == {"test", "compositional", "text"}
+    assert (
+        results["test"]["vqa"]["accuracy"] == 1.0 and results["compositional"]["classify"]["accuracy"] == 1.0
+    )
+    assert results["test"]["pope"]["overall"]["accuracy"] == 1.0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| task | metric | test | compositional |" in md and "test/vqa/report.md" in md
+    assert (tmp_path / "out" / "compositional" / "caption" / "grid.png").exists()
+    assert "| vqa | accuracy | 1.0000 | 1.0000 |" in suite_table(results)
+
+
+def test_cli_rescores_predictions_without_model(tmp_path, capsys):
+    out = tmp_path / "first"
+    recs = [
+        _rec(f"q{i}", f"What color is shape {i}?", _image(tmp_path, f"{i}.png"), answer="red")
+        for i in range(4)
+    ]
+    run.run_eval(FakePredictor({"shape 0": "red"}), recs, "vqa", out, image_root=tmp_path)
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    edited = [json.loads(line) for line in lines]
+    edited[1]["answer"] = "red"
+    (tmp_path / "edited.jsonl").write_text("\n".join(json.dumps(r) for r in edited))
+    argv = ["--task", "vqa", "--predictions", str(tmp_path / "edited.jsonl"), "--out", str(tmp_path / "re")]
+    assert run.main_eval(argv) == 0
+    assert json.loads((tmp_path / "re" / "metrics.json").read_text())["accuracy"] == 0.5
+    assert '"accuracy": 0.5' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run.main_eval(["--task", "vqa"])  # neither a model nor predictions
+
+
+def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
+    models = {
+        "m": FakePredictor({"color": "red", "capital of France": "Paris"}),
+        "smollm2": FakePredictor({"capital": "Paris", "2 + 2": "4"}),
+    }
+    monkeypatch.setattr(run, "load_generator", lambda name, batch_size: models[name])
+    data = _shapes_dir(tmp_path) / "test" / "vqa.json"
+    assert (
+        run.main_eval(
+            [
+                "m",
+                "--task",
+                "vqa",
+                "--data",
+                str(data),
+                "--image-root",
+                str(data.parents[1] / "images"),
+                "--out",
+                str(tmp_path / "v"),
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "v" / "metrics.json").read_text())["accuracy"] == 1.0
+    assert run.main_eval(["m", "--task", "text", "--base", "smollm2", "--out", str(tmp_path / "t")]) == 0
+    m = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    n = len(text_bench.QUESTIONS)
+    assert m["retention"]["model_accuracy"] == pytest.approx(1 / n)
+    assert m["retention"]["base_accuracy"] > m["retention"]["model_accuracy"]
+    assert "Retention vs. base LLM smollm2" in (tmp_path / "t" / "report.md").read_text()
+    assert run.main_eval(["m", "--task", "vqa", "--format", "coco", "--data", str(data)]) == 2
+    assert "valid formats: llava, vqav2" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""Tests for the shapes world: determinism, non-overlap, held-out combos, rendering, files written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vistune.shapes import questions as Q
+from vistune.shapes import synth
+
+SIZES = {"train": 40, "val": 8, "test": 8, "compositional": 16}
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    synth.synthesize(out, SIZES, seed=7, workers=1, imagefolder=True)
+    return out
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count(dataset, tmp_path):
+    synth.synthesize(tmp_path / "again", SIZES, seed=7, workers=2, imagefolder=True)
+    first, second = _tree(dataset), _tree(tmp_path / "again")
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+def test_different_seed_different_output(dataset, tmp_path):
+    synth.synthesize(tmp_path / "other", {"train": 4}, seed=8, workers=1)
+    for name in ("images/train/train-000000.png", "scenes/train.jsonl", "train/vqa.json"):
+        assert (dataset / name).read_bytes()[:4000] != (tmp_path / "other" / name).read_bytes()[:4000]
+
+
+def test_scene_lines_have_the_documented_keys(dataset):
+    scenes = synth.load_scenes(dataset / "scenes" / "train.jsonl")
+    assert len(scenes) == SIZES["train"]
+    for i, s in enumerate(scenes):
+        assert list(s) == ["id", "image", "split", "width", "height", "background", "objects"]
+        assert s["id"] == f"train-{i:06d}" and s["image"] == f"train/{s['id']}.png"
+        assert (dataset / "images" / s["image"]).is_file()
+        for o in s["objects"]:
+            assert list(o) == ["color", "shape", "size", "x", "y", "radius", "rotation"]
+            assert all(round(o[k], 2) == o[k] for k in ("x", "y", "radius", "rotation"))
+
+
+def test_objects_never_overlap_and_stay_inside():
+    for i in range(400):
+        s = synth.sample_scene(3, "train", i)
+        objs = s["objects"]
+        assert 1 <= len(objs) <= synth.MAX_OBJECTS
+        for a in objs:
+            assert a["radius"] <= a["x"] <= s["width"] - a["radius"]
+            assert a["radius"] <= a["y"] <= s["height"] - a["radius"]
+            assert abs(a["rotation"]) <= synth.MAX_ROTATION
+        for j, a in enumerate(objs):
+            for b in objs[j + 1 :]:
+                gap = np.hypot(a["x"] - b["x"], a["y"] - b["y"]) - a["radius"] - b["radius"]
+                assert gap >= synth.MARGIN_PX - 0.02  # rounding to 2 decimals
+
+
+def test_every_count_from_1_to_6_and_every_combo_occur():
+    scenes = [synth.sample_scene(0, "train", i) for i in range(600)]
+    assert {len(s["objects"]) for s in scenes} == set(range(1, 7))
+    seen = {(o["color"], o["shape"]) for s in scenes for o in s["objects"]}
+    assert seen == set(synth.SEEN)
+
+
+def test_held_out_combos_only_in_the_compositional_split(dataset):
+    held = set(synth.HELD_OUT)
+    assert len(held) == 5 and {s for _, s in held} == set(Q.SHAPES) and len({c for c, _ in held}) == 5
+    for split in ("train", "val", "test"):
+        for i in range(300):
+            objs = synth.sample_scene(11, split, i)["objects"]
+            assert not {(o["color"], o["shape"]) for o in objs} & held
+    for i in range(300):
+        objs = synth.sample_scene(11, "compositional", i)["objects"]
+        assert {(o["color"], o["shape"]) for o in objs} & held
+    for s in synth.load_scenes(dataset / "scenes" / "compositional.jsonl"):
+        assert {(o["color"], o["shape"]) for o in s["objects"]} & held
+
+
+def test_rendered_object_centres_have_their_colour(dataset):
+    for s in synth.load_scenes(dataset / "scenes" / "val.jsonl"):
+        pixels = np.asarray(Image.open(dataset / "images" / s["image"]).convert("RGB")).astype(int)
+        assert pixels.shape == (s["height"], s["width"], 3)
+        for o in s["objects"]:
+            centre = pixels[int(o["y"]), int(o["x"])]
+            assert np.abs(centre - synth.COLOR_RGB[o["color"]]).max() <= 12, (s["id"], o)
+        corner = pixels[0, 0]
+        assert np.abs(corner - s["background"]).max() <= 20 or any(
+            np.hypot(o["x"], o["y"]) < o["radius"] + 2 for o in s["objects"]
+        )
+
+
+def test_task_files_manifest_and_pairs_agree(dataset):
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["labels"] == list(Q.LABELS)
+    assert [tuple(c) for c in manifest["held_out"]] == list(synth.HELD_OUT)
+    for split, n in SIZES.items():
+        for task in synth.TASKS:
+            records = json.loads((dataset / split / f"{task}.json").read_text())
+            assert len(records) == manifest["counts"][split][task]
+            assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+            assert all(r["image"].startswith(f"{split}/") for r in records)
+        pairs = [json.loads(line) for line in (dataset / split / "pairs.jsonl").read_text().splitlines()]
+        scenes = {s["image"]: s for s in synth.load_scenes(dataset / "scenes" / f"{split}.jsonl")}
+        assert len(pairs) == n and all(p["caption"] == Q.caption(scenes[p["image"]]) for p in pairs)
+
+
+def test_imagefolder_view_uses_the_class_label(dataset):
+    for s in synth.load_scenes(dataset / "scenes" / "test.jsonl"):
+        link = dataset / "imagefolder" / "test" / Q.class_label(s) / f"{s['id']}.png"
+        assert link.read_bytes() == (dataset / "images" / s["image"]).read_bytes()
+
+
+def test_main_synth_cli(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--train", "3", "--val", "1", "--test", "1", "--compositional", "2"]
+    assert synth.main_synth([*argv, "--workers", "1", "--image-size", "96"]) == 0
+    assert "wrote 7 images" in capsys.readouterr().out
+    assert Image.open(tmp_path / "images" / "compositional" / "compositional-000001.png").size == (96, 96)
+
+
+def test_unknown_split_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="valid splits"):
+        synth.synthesize(tmp_path, {"training": 3})
+
+
+def test_load_scenes_names_the_bad_line(tmp_path):
+    path = tmp_path / "scenes.jsonl"
+    path.write_text('{"objects": [], "image": "a.png", "width": 8, "height": 8}\n\n{"objects": []}\n')
+    with pytest.raises(ValueError, match=r"scenes.jsonl line 3: not a scene graph"):
+        synth.load_scenes(path)

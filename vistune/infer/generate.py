@@ -1,0 +1,107 @@
+"""Batched generation for (images, conversation) pairs: greedy or sampled, streamed, with a KV cache.
+
+Prompts are rendered by the same `chat.render` used in training, left-padded, embedded with the image
+features merged in, and handed to transformers' `generate` (which keeps the KV cache and applies
+temperature/top-p). The same class serves a plain LLM for text-only use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+
+from vistune.data.records import Turn
+from vistune.model.llm import load_llm, load_tokenizer, pick_dtype
+from vistune.model.template import render
+from vistune.model.vlm import MODEL_FILE, VLM, load_vlm
+
+
+class Generator:
+    """Answers conversations about images with a VLM (or text-only with a plain LLM)."""
+
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vlm: VLM | None = None,
+        batch_size: int = 8,
+    ):
+        self.llm, self.tokenizer, self.vlm, self.batch_size = llm, tokenizer, vlm, batch_size
+        self.device = next(llm.parameters()).device
+        eos = llm.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        self.eos = sorted({*eos, tokenizer.eos_token_id} - {None})
+
+    @torch.no_grad()
+    def generate(
+        self,
+        conversations: Sequence[list[Turn]],
+        images: Sequence[list[Image.Image]] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        streamer: TextStreamer | None = None,
+    ) -> list[str]:
+        """Continue each conversation (ending with a user turn) with the assistant's reply.
+
+        `temperature` 0 is greedy decoding; streaming needs a batch of one.
+        """
+        images = images or [[] for _ in conversations]
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        out: list[str] = []
+        for start in range(0, len(conversations), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            out += self._batch(
+                conversations[chunk], images[chunk], max_new_tokens, temperature, top_p, streamer
+            )
+        return out
+
+    def answer(
+        self, conversations: list[list[Turn]], images: list[list[Image.Image]], max_new_tokens: int = 32
+    ) -> list[str]:
+        """Greedy answers (the evaluation `Predictor` interface)."""
+        return self.generate(conversations, images, max_new_tokens=max_new_tokens)
+
+    def _batch(self, convs, images, max_new_tokens, temperature, top_p, streamer) -> list[str]:
+        image_tokens = self.vlm.image_tokens if self.vlm else 0
+        if not self.vlm and any(images):
+            raise ValueError("this model is a plain LLM: it cannot take images")
+        ids = [
+            render(
+                c, self.tokenizer, image_tokens=image_tokens, num_images=len(im), generation=True
+            ).input_ids
+            for c, im in zip(convs, images, strict=True)
+        ]
+        width = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        flat = [im for row in images for im in row]
+        if self.vlm:
+            pixels = self.vlm.vision.preprocess(flat).to(self.device) if flat else None
+            embeds = self.vlm.embed(input_ids, pixels)
+        else:
+            embeds = self.llm.get_input_embeddings()(input_ids)
+        sample = temperature > 0
+        output = self.llm.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
+            temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+            pad_token_id=pad, eos_token_id=self.eos, streamer=streamer,
+        )  # fmt: skip
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+
+
+def load_generator(name_or_dir: str, batch_size: int = 8, device: str | None = None) -> Generator:
+    """A trained vistune model dir, or any causal LM (hub id, local dir, or `smollm2`) for text only."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (Path(name_or_dir) / MODEL_FILE).is_file():
+        vlm = load_vlm(name_or_dir, device)
+        return Generator(vlm.llm, vlm.tokenizer, vlm, batch_size)
+    tokenizer = load_tokenizer(name_or_dir)
+    llm = load_llm(name_or_dir, tokenizer, pick_dtype("auto", device)).to(device).eval()
+    return Generator(llm, tokenizer, None, batch_size)

@@ -1,0 +1,87 @@
+"""`vistune chat MODEL --image PATH [--prompt TEXT]`: one answer, or an interactive multi-turn session.
+
+In a session, `/image PATH` attaches an image to your next message, `/reset` starts over and `/quit`
+(or end of input) leaves. Replies stream token by token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+from PIL import Image
+from transformers import TextStreamer
+
+from vistune.data.images import load_image
+from vistune.data.records import IMAGE_PLACEHOLDER, Turn
+from vistune.infer.generate import Generator, load_generator
+
+
+class Session:
+    """A multi-turn conversation: the turns so far and the images they refer to."""
+
+    def __init__(self, generator: Generator, system: str | None = None):
+        self.generator = generator
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.turns: list[Turn] = [Turn("system", self.system)] if self.system else []
+        self.images: list[Image.Image] = []
+
+    def ask(self, text: str, images: list[Image.Image] = (), stream: bool = False, **sampling) -> str:
+        """Add a user turn (with its images' placeholders in front) and return the streamed reply."""
+        content = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + text
+        self.turns.append(Turn("user", content))
+        self.images += list(images)
+        streamer = TextStreamer(self.generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        reply = self.generator.generate(
+            [self.turns], [self.images], streamer=streamer if stream else None, **sampling
+        )[0]
+        self.turns.append(Turn("assistant", reply))
+        return reply
+
+
+def _lines() -> Iterator[str]:
+    """Lines typed at a prompt, or piped in."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            return
+
+
+def main_chat(argv: list[str] | None = None) -> int:
+    """`vistune chat`: talk with a trained model dir (or a plain LLM such as `smollm2`)."""
+    parser = argparse.ArgumentParser(prog="vistune chat", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a vistune model dir, or an LLM (hub id, local dir, smollm2)")
+    parser.add_argument("--image", action="append", default=[], help="image for the first message")
+    parser.add_argument("--prompt", help="answer this once and exit (otherwise: interactive)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+    session = Session(load_generator(args.model, batch_size=1), args.system)
+    pending = [load_image(p) for p in args.image]
+    if args.prompt is not None:
+        session.ask(args.prompt, pending, stream=True, **sampling)
+        return 0
+    print("Type a message; /image PATH attaches an image, /reset, /quit.", file=sys.stderr)
+    for line in _lines():
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            session.reset()
+        elif line.startswith("/image "):
+            pending.append(load_image(line[len("/image ") :].strip()))
+        elif line:
+            session.ask(line, pending, stream=True, **sampling)
+            pending = []
+    return 0

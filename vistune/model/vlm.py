@@ -1,0 +1,165 @@
+"""The vision-language model: vision tower -> projector -> image tokens merged into the LLM's input.
+
+Image features replace the embeddings at `<image>` token positions with one vectorised op
+(masked_scatter), after checking that the counts agree. The loss is a *sum* over answer tokens; the
+training loop divides by the number of answer tokens in the whole effective batch, so gradient
+accumulation and the number of processes do not change what is learned.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vistune.config import ModelConfig, config_from_dict
+from vistune.model.llm import build_llm, image_token_id, load_llm, load_tokenizer, pick_dtype
+from vistune.model.projector import ProjectorContext, build_projector
+from vistune.model.template import IGNORE, set_chat_template
+from vistune.model.vision import VisionTower, build_vision_tower
+
+MODEL_FILE = "vistune.json"
+WEIGHTS_FILE = "vision_projector.safetensors"
+
+
+class VLM(nn.Module):
+    """A vision tower, a projector and a causal LLM, with the tokenizer that drives them."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vision: VisionTower,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.llm = llm
+        self.tokenizer = tokenizer
+        embeddings = llm.get_input_embeddings().weight
+        context = ProjectorContext(
+            vision.hidden_size, embeddings.shape[1], vision.grid, embeddings, tokenizer
+        )
+        self.projector = build_projector(cfg.projector, context)
+        self.image_token_id = image_token_id(tokenizer)
+        self.image_tokens = self.projector.num_tokens(vision.num_tokens)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, image_tokens, D_llm) LLM-ready image embeddings."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features scattered into the `<image>` positions.
+
+        Pass `pixel_values` (B_img, 3, H, W), or `vision_features` (B_img, N, D_vision) already computed
+        by a frozen tower (a cache), for the images in the order their tokens appear.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        n_positions = int(mask.sum())
+        if pixel_values is None and vision_features is None:
+            if n_positions:
+                raise ValueError(f"{n_positions} image token(s) in the input but no images were given")
+            return embeds
+        if vision_features is None:
+            vision_features = self.vision(pixel_values)
+        features = self.projector(vision_features).to(embeds.dtype)
+        if n_positions != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"image tokens and image features do not match: {n_positions} image-token positions, "
+                f"{features.shape[0]} image(s) x {features.shape[1]} tokens"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+
+    def loss_sum(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Summed next-token cross-entropy over labelled positions (logits only where labels are)."""
+        embeds = self.embed(input_ids, pixel_values, vision_features)
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        """Mean loss per answer token of this batch (for quick use; training uses `loss_sum`)."""
+        n = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
+        return self.loss_sum(**batch) / n
+
+
+def build_vlm(cfg: ModelConfig, device: str | torch.device = "cpu") -> VLM:
+    """Compose a fresh model on `device`: pretrained or scratch tower, new projector, the LLM."""
+    tokenizer = load_tokenizer(cfg.llm.name_or_path)
+    set_chat_template(tokenizer, cfg.llm.chat_template)
+    llm = build_llm(cfg.llm, tokenizer, pick_dtype(cfg.llm.dtype, device))
+    return VLM(cfg, build_vision_tower(cfg.vision), llm, tokenizer).to(device)
+
+
+def save_vlm(model: VLM, out_dir: str | Path) -> None:
+    """Write a self-contained model dir: config + tower architecture, tower/projector weights, LLM dir.
+
+    LoRA adapters are merged into the LLM weights first, so the dir loads with plain transformers.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = model.llm
+    if isinstance(llm, PeftModel):  # save the merged weights, keep training intact
+        llm = copy.deepcopy(llm).merge_and_unload()
+    llm.save_pretrained(out / "llm", safe_serialization=True)
+    model.tokenizer.save_pretrained(out / "llm")
+    weights = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
+    weights |= {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, out / WEIGHTS_FILE)
+    meta = {"model": dataclasses.asdict(model.cfg), "vision_arch": model.vision.arch()}
+    (out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def load_vlm(model_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
+    """Load a model dir written by `save_vlm` (offline: the tower is rebuilt from its saved architecture)."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / MODEL_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a vistune model dir (no {MODEL_FILE})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    cfg = config_from_dict({"model": _upgrade(meta["model"])}).model
+    cfg.vision.name_or_path, cfg.vision.weights = None, None  # weights come from this dir
+    cfg.llm.name_or_path, cfg.llm.from_config = str(model_dir / "llm"), None
+    tokenizer = load_tokenizer(cfg.llm.name_or_path)
+    llm = load_llm(cfg.llm.name_or_path, tokenizer, pick_dtype(cfg.llm.dtype, device))
+    model = VLM(cfg, build_vision_tower(cfg.vision, arch=meta["vision_arch"]), llm, tokenizer)
+    state = load_file(model_dir / WEIGHTS_FILE)
+    for prefix, module in (("vision.", model.vision), ("projector.", model.projector)):
+        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return model.to(device).eval()
+
+
+def _upgrade(model: dict) -> dict:
+    """A saved model config in today's form: dirs written before the word projectors' settings moved
+    into `projector.options` and before `vision.preprocess` existed (they squashed images) still load."""
+    projector = model.get("projector", {})
+    moved = {k: projector.pop(k) for k in ("words", "slots", "position_bins") if k in projector}
+    if projector.get("name") in ("visual_words", "object_words"):
+        moved.setdefault("shuffle_factor", projector.get("shuffle_factor", 2))
+        projector["options"] = moved | projector.get("options", {})
+    model.get("vision", {}).setdefault("preprocess", "squash")
+    return model

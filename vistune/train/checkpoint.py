@@ -1,0 +1,217 @@
+"""Crash-safe training checkpoints in safe formats (safetensors + JSON; nothing is unpickled).
+
+A checkpoint is a directory `stageN-stepXXXXXXXX` holding the model weights and the optimizer's
+tensors (safetensors), and everything else (optimizer hyper-parameters, scheduler, RNG states, data
+position) as JSON. States are taken with torch's distributed state-dict API (full, on the CPU), so the
+same code saves and restores a plain module, a DDP replica or FSDP-sharded weights; taking them is a
+collective step that every process runs, writing is the main process's. A checkpoint is written under
+a temporary name, renamed into place, and only then marked COMPLETE: a run killed at any moment leaves
+the previous complete checkpoint untouched; unmarked directories are ignored, and removed by the next
+save. Checkpoints are ordered by the numbers in their names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+COMPLETE = "COMPLETE"
+# Full (unsharded) states on the CPU, keyed by parameter name.
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _load_options(module: nn.Module, strict: bool = True) -> StateDictOptions:
+    """Full states are scattered into sharded (FSDP) parameters; whole ones load as they are."""
+    sharded = any(isinstance(p, DTensor) for p in module.parameters())
+    return StateDictOptions(full_state_dict=sharded, strict=strict)
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds of the training objects, gathered by `gather_state`."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+
+
+def gather_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
+) -> TrainingState:
+    """The full states of a module (plain, DDP or FSDP) and its optimizer; every process must call it."""
+    model = get_model_state_dict(module, options=FULL)
+    optim = get_optimizer_state_dict(module, optimizer, options=FULL) if optimizer is not None else {}
+    return TrainingState(model, optim, scheduler.state_dict() if scheduler is not None else None)
+
+
+def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors stored once (tied weights, modules registered twice): (kept, {alias: kept name})."""
+    kept: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            kept[name] = tensor.detach().contiguous()
+    return kept, aliases
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict as tensors (for safetensors) and plain JSON values that name them."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": state.get("param_groups", []), "state": {}}
+    for param, entry in state.get("state", {}).items():
+        plain["state"][param] = {}
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                key = f"{param}/{name}"  # parameter names hold dots, never slashes
+                tensors[key] = value.detach().contiguous().cpu()
+                plain["state"][param][name] = {"tensor": key}
+            else:
+                plain["state"][param][name] = value
+    return tensors, plain
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_split_optimizer`."""
+
+    def value(v: Any) -> Any:
+        return tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+
+    state = {param: {k: value(v) for k, v in entry.items()} for param, entry in plain["state"].items()}
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as JSON-able values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(
+    run_dir: Path, step_name: str, state: TrainingState, info: dict[str, Any], keep_last: int
+) -> Path:
+    """Write checkpoint `run_dir/checkpoints/<step_name>` atomically, then rotate old ones (main process)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_name
+    tmp = root / f".tmp-{step_name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights, aliases = _unique(state.model)
+    save_file(weights, str(tmp / "model.safetensors"))
+    tensors, plain = _split_optimizer(state.optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"aliases": aliases, "optimizer": plain, "scheduler": state.scheduler, "rng": rng_state(), **info}
+    (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_marker(final)
+    _rotate(root, keep_last)
+    return final
+
+
+def _write_marker(path: Path) -> None:
+    marker = path / f".{COMPLETE}.tmp"
+    marker.write_text("ok\n", encoding="utf-8")
+    os.replace(marker, path / COMPLETE)
+
+
+def _rotate(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of interrupted saves."""
+    for old in complete_checkpoints(root.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for path in root.iterdir():
+        if path.is_dir() and not (path / COMPLETE).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _order(path: Path) -> list:
+    """Sort key: numbers in the name compare as numbers (stage10 after stage9)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file()), key=_order)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_info(ckpt: Path) -> dict[str, Any]:
+    """The JSON part of a checkpoint (stage, step, data position, ...)."""
+    return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+
+
+def _model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = load_file(str(ckpt / "model.safetensors"))
+    aliases = read_info(ckpt).get("aliases", {})
+    return state | {alias: state[name] for alias, name in aliases.items()}
+
+
+def load_weights(ckpt: Path, module: nn.Module) -> None:
+    """Load a checkpoint's model weights into a module (plain, DDP or FSDP); every parameter must match."""
+    set_model_state_dict(module, _model_state(ckpt), options=_load_options(module))
+
+
+def load_training_state(
+    ckpt: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG states; return the checkpoint's info."""
+    info = read_info(ckpt)
+    load_weights(ckpt, module)
+    state = _join_optimizer(load_file(str(ckpt / "optimizer.safetensors")), info["optimizer"])
+    # Not strict: a trainable parameter that never had a gradient (unused by the loss) has no state.
+    set_optimizer_state_dict(module, optimizer, state, options=_load_options(module, strict=False))
+    scheduler.load_state_dict(info["scheduler"])
+    set_rng_state(info["rng"])
+    return info

@@ -1,0 +1,245 @@
+"""The `classify` stage kind and `vistune classifier`: a vision tower as an ImageFolder classifier.
+
+DATA holds train/, val/ and test/ folders of class sub-folders (`vistune data synth --imagefolder` writes
+one). `probe` fits scikit-learn's LogisticRegression on the frozen tower's mean-pooled features;
+`finetune` trains the tower and a linear head with cross-entropy through the training loop (warmup +
+cosine AdamW, checkpoints and `--resume` in OUT). Both report test accuracy, per-class precision,
+recall and F1 and a confusion matrix (metrics.json + confusion.png); `finetune` also saves the
+classifier (`vistune.model.classifier`). In a run's config, a `classify` stage trains the VLM's own
+tower on an ImageFolder the same way, and drops the head afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.nn import functional as F
+
+from vistune.config import PREPROCESS, VISION_KINDS, Stage, VisionConfig
+from vistune.data.images import load_image
+from vistune.data.readers import load_records
+from vistune.eval.metrics import classification_metrics, save_confusion_png
+from vistune.model.classifier import Classifier, save_classifier
+from vistune.model.contrastive import load_contrastive
+from vistune.model.vision import VisionTower, build_vision_tower
+from vistune.model.vlm import VLM
+from vistune.train.loop import open_run, run_stages
+from vistune.train.objective import StageContext
+
+MODES = ("probe", "finetune")
+SPLITS = ("train", "val", "test")
+
+
+class FolderData(torch.utils.data.Dataset):
+    """(pixels, class index) for every image of one ImageFolder split, classes fixed by the caller."""
+
+    def __init__(self, root: Path, classes: list[str], preprocess: Any, limit: int | None = None) -> None:
+        records = load_records(root)
+        unknown = sorted(set(records.classes) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"{root}: class folder(s) {unknown} are not among the training classes {classes}"
+            )
+        self.records = _spread(records, limit) if limit and len(records) > limit else list(records)
+        self.root, self.classes, self.preprocess = root, classes, preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        record = self.records[index]
+        image = load_image(self.root / record.images[0])
+        return self.preprocess([image])[0], self.classes.index(record.meta["label"])
+
+
+def _spread(records: Any, limit: int) -> list:
+    """`limit` records spread evenly over the (class-sorted) list, so every class keeps some."""
+    return [records[int(i)] for i in np.linspace(0, len(records) - 1, limit).round()]
+
+
+def _splits(data: Path, tower: VisionTower, limit: int | None) -> dict[str, FolderData]:
+    """The three splits, with classes taken from train/."""
+    missing = [s for s in SPLITS if not (data / s).is_dir()]
+    if missing:
+        raise ValueError(f"{data}: missing split folder(s) {missing}; expected {list(SPLITS)}")
+    classes = load_records(data / "train").classes
+    return {s: FolderData(data / s, classes, tower.preprocess, limit) for s in SPLITS}
+
+
+def _loader(ds: FolderData, batch_size: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+@torch.no_grad()
+def features(tower: VisionTower, ds: FolderData, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-pooled frozen features (N, D) and labels (N,) of a split."""
+    tower.eval()
+    xs, ys = [], []
+    for pixels, labels in _loader(ds, batch_size):
+        xs.append(tower(pixels).mean(1).float().cpu().numpy())
+        ys.append(labels.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def linear_probe(tower: VisionTower, splits: dict[str, FolderData], batch_size: int = 64) -> dict[str, Any]:
+    """Standardise frozen features and fit LogisticRegression on train; predictions for val and test."""
+    feats = {s: features(tower, ds, batch_size) for s, ds in splits.items()}
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    clf.fit(*feats["train"])
+    return {s: (clf.predict(feats[s][0]), feats[s][1]) for s in ("val", "test")}
+
+
+@torch.no_grad()
+def predict(model: Classifier, ds: FolderData, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, labels) of a split, in eval mode."""
+    model.eval()
+    preds, ys = [], []
+    for pixels, labels in _loader(ds, batch_size):
+        preds.append(model(pixels.to(next(model.parameters()).device)).argmax(1).cpu().numpy())
+        ys.append(labels.numpy())
+    return np.concatenate(preds), np.concatenate(ys)
+
+
+class ClassifierObjective(nn.Module):
+    """Summed cross-entropy of a classifier on an ImageFolder split.
+
+    `holds` is any other module a mid-stage checkpoint must restore (the run's VLM, whose tower this trains).
+    """
+
+    def __init__(
+        self, model: Classifier, data: FolderData, device: torch.device, holds: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.model, self.data, self.device, self.holds = model.to(device), data, device, holds
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def lengths(self) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"images": len(self.data), "classes": self.data.classes}
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "vision": list(self.model.tower.parameters()),
+            "projector": list(self.model.head.parameters()),
+        }
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        pixels, labels = zip(*(self.data[i] for i in indices), strict=True)
+        return {
+            "pixels": torch.stack(pixels).to(self.device),
+            "labels": torch.tensor(labels, device=self.device),
+        }
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return len(batch["labels"])
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return F.cross_entropy(self.model(batch["pixels"]), batch["labels"], reduction="sum")
+
+    def finish(self) -> None:
+        """Nothing to hand on: the tower keeps what it learned, the head is dropped with the objective."""
+
+
+def classify_stage(stage: Stage, model: VLM, ctx: StageContext) -> ClassifierObjective:
+    """A run's `classify` stage: the VLM's tower with a new linear head on one ImageFolder."""
+    if len(stage.data) != 1 or not Path(stage.data[0].path).is_dir():
+        raise ValueError(
+            f"stage {stage.name!r}: a classify stage reads one ImageFolder directory as its data"
+        )
+    root = Path(stage.data[0].path)
+    classes = load_records(root).classes
+    data = FolderData(root, classes, model.vision.preprocess, stage.data[0].limit)
+    return ClassifierObjective(Classifier(model.vision, len(classes)), data, ctx.device, holds=model)
+
+
+def _tower(args: argparse.Namespace) -> VisionTower:
+    """The tower to probe or fine-tune: from a contrastive model directory, or built from the flags."""
+    if args.contrastive:
+        return load_contrastive(args.contrastive).vision
+    cfg = VisionConfig(
+        kind=args.tower, name_or_path=args.vision, weights=args.vision_weights,
+        image_size=args.image_size, preprocess=args.preprocess,
+    )  # fmt: skip
+    return build_vision_tower(cfg)
+
+
+def _fine_tune(
+    tower: VisionTower, splits: dict[str, FolderData], args: argparse.Namespace
+) -> tuple[Classifier, dict[str, Any]]:
+    """Train tower + head through the training loop (run dir OUT); predictions for val and test."""
+    model = Classifier(tower, len(splits["train"].classes))
+    stage = Stage(
+        name="finetune", kind="classify", train=["vision", "projector"], lr=args.lr, epochs=args.epochs,
+        batch_size=args.batch_size, weight_decay=0.01, warmup_ratio=0.05,
+    )  # fmt: skip
+    run = open_run(Path(args.out), args.seed, save_every=200, keep_last=1)
+    build = lambda s: ClassifierObjective(model, splits["train"], run.accelerator.device)  # noqa: E731
+    run_stages([stage], model, build, run, resume=args.resume)
+    run.log.close()
+    return model, {s: predict(model, splits[s], args.batch_size) for s in ("val", "test")}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vistune classifier", description="Supervised image classification.")
+    p.add_argument("--data", required=True, help="folder with train/, val/, test/ ImageFolder splits")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, confusion.png, weights)")
+    p.add_argument("--mode", choices=MODES, default="probe")
+    p.add_argument("--tower", choices=VISION_KINDS, default="resnet", help="vision tower kind")
+    p.add_argument("--vision", help="pretrained tower: hub id or local directory")
+    p.add_argument("--vision-weights", help="safetensors state dict of the tower, saved by vistune")
+    p.add_argument("--contrastive", help="use the vision tower of this contrastive model directory")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--preprocess", choices=PREPROCESS, default="pad", help="how images are made square")
+    p.add_argument("--epochs", type=float, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--limit", type=int, help="use at most N images per split (spread over classes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="finetune: continue from the last checkpoint in OUT")
+    return p
+
+
+def main_train_classifier(argv: list[str] | None = None) -> int:
+    """`vistune classifier`: linear probe or fine-tune a vision tower on an ImageFolder; score on test."""
+    args = _parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tower = _tower(args)
+    splits = _splits(Path(args.data), tower, args.limit)
+    classes = splits["train"].classes
+    start = time.perf_counter()
+    if args.mode == "probe":
+        preds = linear_probe(tower, splits, args.batch_size)
+    else:
+        model, preds = _fine_tune(tower, splits, args)
+        save_classifier(model, out, classes)
+    report: dict[str, Any] = {
+        s: classification_metrics(
+            [classes[i] for i in preds[s][0]], [classes[i] for i in preds[s][1]], classes
+        )
+        for s in ("val", "test")
+    }
+    report |= {"mode": args.mode, "classes": classes, "chance": 1 / len(classes),
+               "seconds": time.perf_counter() - start, "train_images": len(splits["train"])}  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    save_confusion_png(report["test"]["confusion"], out / "confusion.png", f"{args.mode}: test")
+    print(
+        f"{args.mode}: test accuracy {report['test']['accuracy']:.4f} (val {report['val']['accuracy']:.4f}, "
+        f"chance {1 / len(classes):.4f}); wrote {out / 'metrics.json'}"
+    )
+    return 0

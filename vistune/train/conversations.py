@@ -1,0 +1,110 @@
+"""Conversation data for the `vlm` stage: records rendered to ids/labels once, then batched.
+
+Every record is checked and rendered up front, so problems surface before training starts: a bad
+record stops the run naming its file and id (or, with `on_bad_record: skip`, is counted and skipped),
+and an over-long record is cut after its last image token when that keeps some answer tokens, else
+dropped and counted. Truncation never cuts through image tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from vistune.config import DataSpec
+from vistune.data.readers import select_records
+from vistune.data.records import Record
+from vistune.data.validate import ensure_valid
+from vistune.model.llm import image_token_id
+from vistune.model.template import IGNORE, RenderError, render
+
+
+@dataclass
+class Sample:
+    """One rendered record: ids, labels and the image files its image tokens stand for."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list[Path]
+    where: str
+
+
+class ConversationData(torch.utils.data.Dataset):
+    """All records of a stage's datasets, rendered; `counts` says what was kept, skipped, cut, dropped."""
+
+    def __init__(
+        self,
+        specs: list[DataSpec],
+        tokenizer: PreTrainedTokenizerBase,
+        image_tokens: int,
+        max_length: int,
+        on_bad_record: str = "raise",
+    ):
+        self.samples: list[Sample] = []
+        self.counts: Counter[str] = Counter()
+        for spec in specs:
+            for record in select_records(spec):
+                self._add(record, spec, tokenizer, image_tokens, max_length, on_bad_record)
+        if not self.samples:
+            raise ValueError(f"no usable records in {[s.path for s in specs]} ({dict(self.counts)})")
+
+    def _add(self, record: Record, spec: DataSpec, tokenizer, image_tokens, max_length, on_bad) -> None:
+        root = Path(spec.image_root or Path(spec.path).parent)
+        if not ensure_valid(record, root, on_bad=on_bad):
+            self.counts["skipped_bad"] += 1
+            return
+        try:
+            out = render(
+                record.turns, tokenizer, image_tokens=image_tokens, num_images=len(record.images),
+                where=record.where(),
+            )  # fmt: skip
+        except RenderError:
+            if on_bad == "raise":
+                raise
+            self.counts["skipped_bad"] += 1
+            return
+        ids, labels = out.input_ids, out.labels
+        if len(ids) > max_length:
+            ids, labels = _truncate(ids, labels, max_length, tokenizer)
+            self.counts["cut" if ids else "dropped_too_long"] += 1
+            if not ids:
+                return
+        self.counts["kept"] += 1
+        self.samples.append(Sample(ids, labels, [root / p for p in record.images], record.where()))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+    def num_tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.samples)
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int, tokenizer) -> tuple[list[int], list[int]]:
+    """Cut after `max_length` tokens unless that cuts image tokens or leaves no answer token."""
+    image_id = image_token_id(tokenizer)
+    last_image = max((i for i, t in enumerate(ids) if t == image_id), default=-1)
+    if last_image >= max_length or all(label == IGNORE for label in labels[1:max_length]):
+        return [], []
+    return ids[:max_length], labels[:max_length]
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict:
+    """Right-pad ids/labels into tensors; images stay as paths (loaded or cached by the caller)."""
+    width = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    images = [path for s in samples for path in s.images]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "images": images}

@@ -1,0 +1,191 @@
+"""The training loop: one for every stage kind, on `accelerate` (1 CPU, 1 GPU or many processes).
+
+`fit` trains one objective for one stage: it chooses what learns, builds AdamW with warmup + cosine,
+lets accelerate wrap the objective (DDP, FSDP, mixed precision), and steps through the data order of
+`vistune.train.order`. Each optimizer step sums the objective's loss over `grad_accum` micro-batches
+and divides by the loss targets of the whole effective batch (all micro-batches, all processes).
+Non-finite steps are skipped and counted; `MAX_BAD_STEPS` in a row stop the run. Checkpoints every
+`save_every` steps hold the objective (model and stage heads) with optimizer, scheduler, RNG and step,
+so `--resume` continues bit for bit; the end-of-stage checkpoint holds the model later stages start from.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from vistune.config import Stage
+from vistune.train import checkpoint as ckpt
+from vistune.train.objective import Objective, StageContext
+from vistune.train.order import batch_indices, total_steps
+from vistune.train.runlog import RunLog
+from vistune.train.trainable import set_trainable
+
+MAX_BAD_STEPS = 3
+
+
+@dataclass
+class Run:
+    """What the stages of one run share: where it writes, the distributed engine, the log."""
+
+    dir: Path
+    accelerator: Accelerator
+    log: RunLog
+    seed: int = 0
+    save_every: int = 200
+    keep_last: int = 2
+
+    def context(self) -> StageContext:
+        """The StageContext objectives are built with."""
+        return StageContext(self.accelerator.device, self.dir, self.accelerator.is_main_process)
+
+
+def make_accelerator() -> Accelerator:
+    """An Accelerator for this machine: bf16 autocast on GPUs that support it, gloo on CPUs.
+
+    cpu=True is what makes accelerate set up gloo when torchrun starts several CPU processes. Some
+    trainable parameters can be unused by a stage's loss (CLIP's pooler in a scene stage): DDP is told.
+    """
+    cuda = torch.cuda.is_available()
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def run_stages(
+    stages: Sequence[Stage],
+    model: nn.Module,
+    build: Callable[[Stage], Objective],
+    run: Run,
+    resume: bool = False,
+) -> None:
+    """Train `model` through `stages` in order; with `resume`, continue from the newest complete
+    checkpoint: stages it finished are skipped, a stage it is inside continues at the next step."""
+    last = ckpt.latest_checkpoint(run.dir) if resume else None
+    info = ckpt.read_info(last) if last else None
+    if info and info["stage_complete"]:
+        ckpt.load_weights(last, model)  # the model as that stage left it; later stages start from here
+        ckpt.set_rng_state(info["rng"])  # and the random state it left, so new adapters start the same
+    for index, stage in enumerate(stages):
+        if info and (index < info["stage"] or (index == info["stage"] and info["stage_complete"])):
+            continue
+        resume_from = last if info and index == info["stage"] else None
+        fit(build(stage), stage, run, index, keep=model, resume_from=resume_from)
+
+
+def open_run(run_dir: Path, seed: int, save_every: int = 200, keep_last: int = 2) -> Run:
+    """A Run writing to `run_dir`: the accelerator, the seeded RNGs and the metrics log."""
+    accelerator = make_accelerator()
+    set_seed(seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir, accelerator.is_main_process)
+    return Run(run_dir, accelerator, log, seed, save_every, keep_last)
+
+
+def fit(
+    objective: Objective,
+    stage: Stage,
+    run: Run,
+    index: int,
+    keep: nn.Module,
+    resume_from: Path | None = None,
+) -> None:
+    """Train `objective` for `stage` (the run's stage number `index`) to its end.
+
+    `keep` is the module later stages start from, saved by the end-of-stage checkpoint; `resume_from`
+    is a mid-stage checkpoint of this stage to continue from.
+    """
+    accelerator = run.accelerator
+    groups = set_trainable(objective, objective.parts(), stage)
+    steps = total_steps(stage, len(objective), accelerator.num_processes)
+    optimizer = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * steps), steps)
+    wrapped, prepared = accelerator.prepare(objective, optimizer)
+    start = 0
+    if resume_from is not None:
+        start = ckpt.load_training_state(resume_from, objective, optimizer, scheduler)["step"]
+    run.log.stage(stage, index, steps, objective.describe())
+    bar = tqdm(
+        range(start, steps), desc=f"stage {index} {stage.name}", disable=not accelerator.is_main_process
+    )
+    bad = 0
+    for step in bar:
+        loss, count, ok = train_step(wrapped, objective, prepared, accelerator, stage, run.seed + index, step)
+        if ok:
+            scheduler.step()
+        run.log.step(step, loss, count, scheduler.get_last_lr()[0], ok, bar)
+        bad = 0 if ok else bad + 1
+        if bad >= MAX_BAD_STEPS:
+            raise RuntimeError(
+                f"stage {stage.name!r}: loss or gradients not finite for {bad} steps in a row "
+                f"(last at step {step}); lower the learning rate or check the data"
+            )
+        done = step + 1 == steps
+        if done:
+            objective.finish()  # e.g. merge LoRA adapters before the end-of-stage checkpoint
+            save(run, ckpt.gather_state(keep), index, step + 1, complete=True)
+        elif (step + 1) % run.save_every == 0:
+            save(run, ckpt.gather_state(objective, optimizer, scheduler), index, step + 1, complete=False)
+    accelerator.free_memory()
+    del wrapped, prepared
+    gc.collect()
+
+
+def train_step(
+    wrapped: nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    stage: Stage,
+    seed: int,
+    step: int,
+) -> tuple[float, int, bool]:
+    """One optimizer step over `grad_accum` micro-batches; the loss is normalised by the number of
+    loss targets in the whole effective batch (all micro-batches, all processes)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    lengths = objective.lengths()
+    batches = [
+        objective.batch(batch_indices(len(objective), seed, step, k, rank, world, stage, lengths))
+        for k in range(stage.grad_accum)
+    ]
+    local = torch.tensor(float(sum(objective.count(b) for b in batches)), device=accelerator.device)
+    total = accelerator.reduce(local, "sum").clamp(min=1.0)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for k, batch in enumerate(batches):
+        sync = k == len(batches) - 1
+        with nullcontext() if sync else accelerator.no_sync(wrapped):
+            loss = wrapped(batch)
+            # DDP averages gradients over processes, so scale by `world` to get the global-target mean.
+            accelerator.backward(loss * world / total)
+        loss_sum += loss.detach()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+    global_loss = accelerator.reduce(loss_sum, "sum")
+    ok = bool(torch.isfinite(global_loss)) and bool(torch.isfinite(torch.as_tensor(norm)))
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(global_loss / total), int(total), ok
+
+
+def save(run: Run, state: ckpt.TrainingState, index: int, step: int, complete: bool) -> None:
+    """Write a checkpoint from the main process once every process has gathered its state."""
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        info = {"stage": index, "step": step, "stage_complete": complete, "seed": run.seed}
+        ckpt.save_checkpoint(run.dir, f"stage{index}-step{step:08d}", state, info, run.keep_last)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,48 @@
+"""`vistune train CONFIG`: run a config's stages in order, resuming where a checkpoint left off.
+
+Reads top to bottom: build the model, then for each stage build its objective (data + loss) from the
+table of stage kinds and hand it to the one training loop (`vistune.train.loop`), which also drives
+the single-stage commands (`vistune contrastive`, `vistune classifier`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vistune.config import Config, load_config, save_config
+from vistune.model.vlm import build_vlm, save_vlm
+from vistune.train.kinds import build_objective, check_kinds
+from vistune.train.loop import open_run, run_stages
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Run every stage of `cfg`; return the directory of the final model (loadable by chat/eval)."""
+    check_kinds(cfg.stages)
+    run = open_run(Path(cfg.out), cfg.seed, cfg.save_every, cfg.keep_last)
+    if run.accelerator.is_main_process:
+        save_config(cfg, run.dir / "config.json")
+    model = build_vlm(cfg.model)
+    context = run.context()
+    run_stages(cfg.stages, model, lambda stage: build_objective(stage, model, context), run, resume)
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        save_vlm(model, run.dir / "model")
+        run.log.plot(run.dir / "loss.png")
+    run.log.close()
+    return run.dir / "model"
+
+
+def main_train(argv: list[str] | None = None) -> int:
+    """`vistune train CONFIG [--set key=value ...] [--resume] [--out DIR]`."""
+    parser = argparse.ArgumentParser(prog="vistune train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    parser.add_argument("--out", help="run directory (overrides the config's `out`)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set + ([f"out={args.out}"] if args.out else []))
+    model_dir = train(cfg, resume=args.resume)
+    print(json.dumps({"model": str(model_dir)}))
+    return 0
