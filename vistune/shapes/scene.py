@@ -84,6 +84,7 @@ class SceneObjective(nn.Module):
         if any(d.where for d in stage.data):
             raise ValueError(f"stage {stage.name!r}: `where` filters records; scene files have none")
         self.model, self.device, self.grid = model, ctx.device, model.vision.grid
+        model.vision.train()  # BatchNorm learns its statistics here
         dim = model.vision.hidden_size
         self.heads = nn.ModuleDict(
             {name: nn.Linear(dim, len(vocab) + 1) for name, vocab in ATTRIBUTES.items()}

@@ -121,6 +121,7 @@ class ClassifierObjective(nn.Module):
     ) -> None:
         super().__init__()
         self.model, self.data, self.device, self.holds = model.to(device), data, device, holds
+        model.train()  # the tower and head learn: BatchNorm in training mode
 
     def __len__(self) -> int:
         return len(self.data)

@@ -3,7 +3,8 @@
 LoRA (`lora` in the stage's `train`) wraps the LLM with peft adapters on every linear layer, or only
 on the top `stage.lora_layers` decoder layers (the backward pass then stops below them); they are
 merged back at the stage's end. When the stage leaves the vision tower frozen, its features are
-computed once per image and cached.
+computed once per image and cached, with the tower in eval mode (a frozen tower's BatchNorm uses its
+running statistics, as at inference, not those of whichever image passes through).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class VLMObjective(nn.Module):
         )
         self._lengths = tuple(len(s.input_ids) for s in self.data.samples)
         self.cache = "vision" not in stage.train
+        model.vision.train(not self.cache)
         self._features: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
