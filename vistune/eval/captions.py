@@ -18,6 +18,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import pycocoevalcap.spice.spice as spice_module
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
 # The punctuation tokens pycocoevalcap's PTBTokenizer drops after tokenising.
 _PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
               "...", ";"}  # fmt: skip
@@ -39,8 +47,6 @@ def simple_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str
 
 def ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """pycocoevalcap's PTBTokenizer on {id: [sentence, ...]} (needs Java)."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     wrapped = {k: [{"caption": s} for s in v] for k, v in captions.items()}
     # The Java tokenizer writes a progress line to stderr (fd 2): keep it, show it only on failure.
     with tempfile.TemporaryFile() as err, contextlib.redirect_stdout(io.StringIO()):
@@ -62,9 +68,7 @@ def ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
 
 def _spice_models_present() -> bool:
     """True when SPICE's Stanford CoreNLP jars are already installed next to spice-1.0.jar."""
-    import pycocoevalcap.spice.spice as spice_mod
-
-    lib = Path(spice_mod.__file__).parent / "lib"
+    lib = Path(spice_module.__file__).parent / "lib"
     return (lib / "stanford-corenlp-3.6.0.jar").exists() and (
         lib / "stanford-corenlp-3.6.0-models.jar"
     ).exists()
@@ -72,22 +76,14 @@ def _spice_models_present() -> bool:
 
 def _scorers(meteor: bool, spice: bool, java: bool, notes: list[str]) -> list:
     """The pycocoevalcap scorers that can run here, with a note for each one skipped."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     scorers = [(Bleu(4), ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]), (Rouge(), "ROUGE-L"), (Cider(), "CIDEr")]
     if meteor and not java:
         notes.append("METEOR skipped: needs Java")
     elif meteor:
-        from pycocoevalcap.meteor.meteor import Meteor
-
         scorers.append((Meteor(), "METEOR"))
     if spice and not (java and _spice_models_present()):
         notes.append("SPICE skipped: needs Java and Stanford CoreNLP 3.6.0 models (not downloaded)")
     elif spice:
-        from pycocoevalcap.spice.spice import Spice
-
         scorers.append((Spice(), "SPICE"))
     return scorers
 

@@ -12,6 +12,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
 # --- The official VQAv2 normalisation tables -------------------------------------------------------
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -217,8 +221,6 @@ def classification_metrics(predictions: Sequence[str], targets: Sequence[str], l
     """Accuracy, per-class precision/recall/F1/support, macro-F1 over `labels` and the confusion
     matrix (rows: true label, columns: predicted label plus a last 'invalid' column), via scikit-learn.
     """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     unknown = sorted(set(targets) - set(labels))
     if unknown:
         raise ValueError(f"classification targets {unknown} are not among the labels {list(labels)}")
@@ -244,17 +246,12 @@ def classification_metrics(predictions: Sequence[str], targets: Sequence[str], l
 
 
 def save_confusion_png(confusion: dict, path: str | Path, title: str = "confusion matrix") -> Path:
-    """Draw `classification_metrics(...)["confusion"]` as an annotated heat map PNG (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """Draw `classification_metrics(...)["confusion"]` as an annotated heat map PNG."""
     matrix = np.asarray(confusion["matrix"])
     rows, cols = confusion["rows"], confusion["cols"]
     size = max(4.0, 0.6 * len(cols) + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig = Figure(figsize=(size, size * 0.9))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), rows)
@@ -267,7 +264,6 @@ def save_confusion_png(confusion: dict, path: str | Path, title: str = "confusio
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -12,6 +12,10 @@ import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from vistune.data.images import load_image
+from vistune.eval.metrics import save_confusion_png
 from vistune.eval.tasks import get_task
 
 ROW_KEYS = ("id", "task", "prompt", "answer", "references", "images", "meta", "error", "correct", "score")
@@ -94,26 +98,19 @@ def sample_grid(
 ) -> Path | None:
     """A PNG grid of sample records: image, Q/A/reference text, green/red/grey frame. None when no row
     has an image. Images that fail to load are drawn as a grey tile with the error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     samples = _pick_samples(rows, n)
     if not samples:
         return None
-    if image_loader is None:
-        from vistune.data.images import load_image as image_loader
     nrows = (len(samples) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 4.6 * nrows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 4.6 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, samples, strict=False):
-        _draw_sample(ax, row, image_root, image_loader)
+        _draw_sample(ax, row, image_root, image_loader or load_image)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
@@ -189,8 +186,6 @@ def write_report(
         lines.append(f"\nNote: {note}")
     lines += _detail_tables(task, metrics)
     if task == "classify":
-        from vistune.eval.metrics import save_confusion_png
-
         save_confusion_png(metrics["confusion"], out / "confusion.png", title=f"{task}: confusion matrix")
         lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion.png)"]
     grid = sample_grid(rows, image_root, out / "grid.png", image_loader=image_loader)

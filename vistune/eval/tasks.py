@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from vistune.data.records import IMAGE_PLACEHOLDER, Record, Turn
 from vistune.eval import metrics as M
+from vistune.eval.captions import caption_metrics
 from vistune.eval.loaders import LOAD_ERROR
 
 TASKS = ("vqa", "caption", "pope", "classify", "text")
@@ -104,8 +105,6 @@ def score_vqa(rows: list[dict], labels: Sequence[str] | None = None) -> dict:
 def score_caption(rows: list[dict], labels: Sequence[str] | None = None, meteor: bool = True) -> dict:
     """Corpus BLEU/ROUGE-L/CIDEr(/METEOR) via pycocoevalcap; failed rows score as empty captions.
     `correct` stays None: a caption is scored, not right or wrong (the row's score is its CIDEr)."""
-    from vistune.eval.captions import caption_metrics
-
     all_rows, rows = rows, _scorable(rows)
     preds = {r["id"]: ("" if r.get("error") else r["answer"]) for r in rows}
     refs = {r["id"]: r["references"] for r in rows}
