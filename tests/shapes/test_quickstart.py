@@ -1,0 +1,45 @@
+"""The main job end to end at toy size: data, both stages, evaluation, report; a re-run resumes."""
+
+from __future__ import annotations
+
+import json
+
+from vistune.model.vlm import load_vlm
+from vistune.shapes.quickstart import main_quickstart
+
+
+def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, tiny_llm_dir, capsys):
+    out = tmp_path / "qs"
+    args = [
+        "--out", str(out), "--train-images", "16", "--test-images", "4", "--eval-limit", "4",
+        "--batch-size", "4",
+        "--set", f"model.llm.name_or_path={tiny_llm_dir}",
+        "--set", "model.vision.resnet_widths=[8, 16]",
+        "--set", "stages.0.epochs=1", "--set", "stages.0.batch_size=8",
+        "--set", "stages.1.max_steps=2", "--set", "stages.1.batch_size=4",
+        "--set", "stages.1.data.1.limit=8",
+    ]  # fmt: skip
+    assert main_quickstart(args) == 0
+    summary = json.loads((out / "quickstart.json").read_text())
+    for split in ("test", "compositional"):
+        vqa = summary["vqa"][split]
+        assert vqa["n"] == 4 and 0.0 <= vqa["exact_match"] <= 1.0
+    printed = capsys.readouterr().out
+    assert (
+        "exact-match accuracy on held-out single-turn VQA" in printed and "examples (test split)" in printed
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows if r.get("event") == "stage"] == ["vision", "instruct"]
+    assert (out / "eval" / "test" / "vqa" / "predictions.jsonl").is_file() and (out / "loss.png").is_file()
+    model = load_vlm(out / "model")
+    assert model.image_tokens == 6 * 5  # six objects of five words each
+    # The same command again: data reused, every stage complete, the same figures.
+    assert main_quickstart(args) == 0
+    again = json.loads((out / "quickstart.json").read_text())
+
+    def scores(result: dict) -> dict:
+        return {split: {k: v for k, v in m.items() if k != "timing"} for split, m in result["vqa"].items()}
+
+    assert scores(again) == scores(summary)
+    assert "data: reusing" in capsys.readouterr().out
+    assert sum(r.get("event") == "stage" for r in map(json.loads, (out / "metrics.jsonl").open())) == 2
