@@ -22,6 +22,7 @@ VISION_KINDS = ("clip", "siglip", "resnet")
 # with the mean colour, then resize: LLaVA-1.5), crop (shortest edge to size, centre crop: CLIP).
 PREPROCESS = ("squash", "pad", "crop")
 TRAINABLE = ("vision", "projector", "llm", "lora")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Keys that moved: the old spelling is rejected with a message naming the new one.
 RENAMED = {
     "ProjectorConfig": {
@@ -105,6 +106,8 @@ class LLMConfig:
     from_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"llm.dtype {self.dtype!r} is not one of {DTYPES}")
         if self.from_config is not None and not isinstance(self.from_config.get("model_type"), str):
             raise ValueError("llm.from_config needs a model_type (e.g. llama), as in a transformers config")
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from PIL import Image
 from transformers import TextStreamer
 
-from vistune.data.images import load_image
+from vistune.data.images import ImageError, load_image
 from vistune.data.records import IMAGE_PLACEHOLDER, Turn
 from vistune.infer.generate import Generator, load_generator
 
@@ -80,7 +80,10 @@ def main_chat(argv: list[str] | None = None) -> int:
         if line == "/reset":
             session.reset()
         elif line.startswith("/image "):
-            pending.append(load_image(line[len("/image ") :].strip()))
+            try:
+                pending.append(load_image(line[len("/image ") :].strip()))
+            except ImageError as err:  # a mistyped path must not end the session
+                print(f"error: {err}", file=sys.stderr)
         elif line:
             session.ask(line, pending, stream=True, **sampling)
             pending = []

@@ -57,24 +57,40 @@ class TrainingState:
 def gather_state(
     module: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
 ) -> TrainingState:
-    """The full states of a module (plain, DDP or FSDP) and its optimizer; every process must call it."""
+    """The full states of a module (plain, DDP or FSDP) and its optimizer; every process must call it.
+
+    Gathering copies the tensor of each name on its own; names that share one tensor in the module (tied
+    weights) are made to share the copy again, so that a checkpoint stores it once.
+    """
     model = get_model_state_dict(module, options=FULL)
+    for alias, name in _aliases(get_model_state_dict(module)).items():  # uncopied: no gathering, no offload
+        if name in model:  # the full state is only on the main process
+            model[alias] = model[name]
     optim = get_optimizer_state_dict(module, optimizer, options=FULL) if optimizer is not None else {}
     return TrainingState(model, optim, scheduler.state_dict() if scheduler is not None else None)
 
 
-def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors stored once (tied weights, modules registered twice): (kept, {alias: kept name})."""
-    kept: dict[str, torch.Tensor] = {}
+def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor is the same as an earlier name's (tied weights, modules registered twice):
+    {alias: first name}. Sharded tensors compare by their local shards."""
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if tensor.numel() and key in seen:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if not local.numel():
+            continue
+        key = (local.data_ptr(), local.dtype, tuple(local.shape), tuple(local.stride()))
+        if key in seen:
             aliases[name] = seen[key]
         else:
             seen[key] = name
-            kept[name] = tensor.detach().contiguous()
+    return aliases
+
+
+def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors stored once (tied weights, modules registered twice): (kept, {alias: kept name})."""
+    aliases = _aliases(state)
+    kept = {name: tensor.detach().contiguous() for name, tensor in state.items() if name not in aliases}
     return kept, aliases
 
 
@@ -210,8 +226,12 @@ def load_training_state(
     info = read_info(ckpt)
     load_weights(ckpt, module)
     state = _join_optimizer(load_file(str(ckpt / "optimizer.safetensors")), info["optimizer"])
+    tuples = {k for group in optimizer.param_groups for k, v in group.items() if isinstance(v, tuple)}
     # Not strict: a trainable parameter that never had a gradient (unused by the loss) has no state.
     set_optimizer_state_dict(module, optimizer, state, options=_load_options(module, strict=False))
+    # JSON, and torch's loading of full states into sharded ones, make tuples (AdamW's betas) lists.
+    for group in optimizer.param_groups:
+        group.update({k: tuple(group[k]) for k in tuples if isinstance(group.get(k), list)})
     scheduler.load_state_dict(info["scheduler"])
     set_rng_state(info["rng"])
     return info

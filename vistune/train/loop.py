@@ -1,12 +1,14 @@
 """The training loop: one for every stage kind, on `accelerate` (1 CPU, 1 GPU or many processes).
 
-`fit` trains one objective for one stage: it chooses what learns, builds AdamW with warmup + cosine,
-lets accelerate wrap the objective (DDP, FSDP, mixed precision), and steps through the data order of
-`vistune.train.order`. Each optimizer step sums the objective's loss over `grad_accum` micro-batches
-and divides by the loss targets of the whole effective batch (all micro-batches, all processes).
-Non-finite steps are skipped and counted; `MAX_BAD_STEPS` in a row stop the run. Checkpoints every
-`save_every` steps hold the objective (model and stage heads) with optimizer, scheduler, RNG and step,
-so `--resume` continues bit for bit; the end-of-stage checkpoint holds the model later stages start from.
+`open_run` sets a run up (accelerator, seeds, log); `run_stages` trains a model through stages in
+order, skipping what the newest complete checkpoint already holds; `fit` trains one objective for one
+stage: it chooses what learns, builds AdamW with warmup + cosine, lets accelerate wrap the objective
+(DDP, FSDP, mixed precision), and steps through the data order of `vistune.train.order`. Each
+optimizer step sums the objective's loss over `grad_accum` micro-batches and divides by the loss
+targets of the whole effective batch (all micro-batches, all processes). Non-finite steps are skipped
+and counted; `MAX_BAD_STEPS` in a row stop the run. Checkpoints every `save_every` steps hold the
+objective (model and stage heads) with optimizer, scheduler, RNG and step, so `--resume` continues bit
+for bit; the end-of-stage checkpoint holds the model later stages start from, and the random state.
 """
 
 from __future__ import annotations
