@@ -31,15 +31,17 @@ class Session:
         self.images: list[Image.Image] = []
 
     def ask(self, text: str, images: list[Image.Image] = (), stream: bool = False, **sampling) -> str:
-        """Add a user turn (with its images' placeholders in front) and return the streamed reply."""
+        """Add a user turn (with its images' placeholders in front) and return the streamed reply.
+
+        The turn and its images join the conversation only once the reply exists, so a failed
+        generation leaves the session as it was."""
         content = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + text
-        self.turns.append(Turn("user", content))
-        self.images += list(images)
+        turns, all_images = [*self.turns, Turn("user", content)], [*self.images, *images]
         streamer = TextStreamer(self.generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = self.generator.generate(
-            [self.turns], [self.images], streamer=streamer if stream else None, **sampling
+            [turns], [all_images], streamer=streamer if stream else None, **sampling
         )[0]
-        self.turns.append(Turn("assistant", reply))
+        self.turns, self.images = [*turns, Turn("assistant", reply)], all_images
         return reply
 
 
@@ -77,8 +79,9 @@ def main_chat(argv: list[str] | None = None) -> int:
         line = line.strip()
         if line in ("/quit", "/exit"):
             break
-        if line == "/reset":
+        if line == "/reset":  # start over: images waiting for the next message go too
             session.reset()
+            pending = []
         elif line.startswith("/image "):
             try:
                 pending.append(load_image(line[len("/image ") :].strip()))

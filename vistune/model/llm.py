@@ -98,7 +98,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer, make sure it can pad, and register the image placeholder as a special token."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_llm_path(name_or_path))
-    except OSError as err:
+    except (OSError, ValueError) as err:  # no such dir, or a dir that holds no tokenizer
         raise FileNotFoundError(f"llm {name_or_path!r}: cannot load its tokenizer ({err})") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -113,7 +113,7 @@ def load_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, dtype: torch
     """Load a causal LM and grow its embeddings to the tokenizer (for the added `<image>` token)."""
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_llm_path(name_or_path), dtype=dtype)
-    except OSError as err:  # no such dir, no weights, or a hub id while offline
+    except (OSError, ValueError) as err:  # no such dir, no config or weights, or a hub id while offline
         raise FileNotFoundError(f"llm {name_or_path!r}: cannot load a causal LM ({err})") from err
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
