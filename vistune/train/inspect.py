@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from vistune.config import Config, load_config
 from vistune.model.llm import image_token_id, load_tokenizer
 from vistune.model.projector import ProjectorContext, build_projector
-from vistune.model.template import IGNORE, set_chat_template
+from vistune.model.template import IGNORE
 from vistune.model.vision import build_vision_tower
 from vistune.train.conversations import ConversationData, Sample
 
@@ -52,8 +52,7 @@ def main_inspect(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    tokenizer = load_tokenizer(cfg.model.llm.name_or_path)
-    set_chat_template(tokenizer, cfg.model.llm.chat_template)
+    tokenizer = load_tokenizer(cfg.model.llm.name_or_path, cfg.model.llm.chat_template)
     image_tokens = _image_tokens(cfg, tokenizer)
     for stage in cfg.stages:
         if stage.kind != "vlm" or (args.stage and stage.name != args.stage):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -60,11 +60,16 @@ def make_accelerator() -> Accelerator:
     trainable parameters can be unused by a stage's loss (CLIP's pooler in a scene stage): DDP is told.
     """
     cuda = torch.cuda.is_available()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed steps its optimizer inside backward and wants a DataLoader to size its batches; the
+        # loop steps explicitly over its own micro-batches, so the two do not fit yet.
+        raise ValueError("DeepSpeed is not supported yet: launch with DDP or FSDP (configs/accelerate/)")
+    return accelerator
 
 
 def run_stages(

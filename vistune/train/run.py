@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vistune.config import Config, load_config, save_config
 from vistune.model.vlm import build_vlm, save_vlm
+from vistune.train.checkpoint import gather_state
 from vistune.train.kinds import build_objective, check_kinds
 from vistune.train.loop import open_run, run_stages
 
@@ -26,10 +27,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
     model = build_vlm(cfg.model)
     context = run.context()
     run_stages(cfg.stages, model, lambda stage: build_objective(stage, model, context), run, resume)
-    run.accelerator.wait_for_everyone()
+    state = gather_state(model).model  # full weights on the main process, however they are sharded
     if run.accelerator.is_main_process:
-        save_vlm(model, run.dir / "model")
+        save_vlm(model, run.dir / "model", state)
         run.log.plot(run.dir / "loss.png")
+    run.accelerator.wait_for_everyone()
     run.log.close()
     return run.dir / "model"
 

@@ -2,15 +2,15 @@
 
 LoRA (`lora` in the stage's `train`) wraps the LLM with peft adapters on every linear layer, or only
 on the top `stage.lora_layers` decoder layers (the backward pass then stops below them); they are
-merged back at the stage's end. When the stage leaves the vision tower frozen, its features are
-computed once per image and cached, with the tower in eval mode (a frozen tower's BatchNorm uses its
-running statistics, as at inference, not those of whichever image passes through).
+merged back at the stage's end. A frozen vision tower runs in eval mode (its BatchNorm uses the running
+statistics, as at inference) and without gradients; its features are computed once per image and kept
+in CPU memory when the stage's images fit in `FEATURE_CACHE_GB` (or as `stage.cache_features` says).
+Features are computed inside `forward`, so a wrapped model (DDP, FSDP) is in charge of its weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ from vistune.model.template import IGNORE
 from vistune.model.vlm import VLM
 from vistune.train.conversations import ConversationData, collate
 from vistune.train.objective import StageContext
+
+FEATURE_CACHE_GB = 4.0  # the largest feature cache kept when a stage does not say
 
 
 def add_lora(model: VLM, stage: Stage) -> None:
@@ -60,15 +62,25 @@ class VLMObjective(nn.Module):
             stage.data, model.tokenizer, model.image_tokens, stage.max_length, stage.on_bad_record
         )
         self._lengths = tuple(len(s.input_ids) for s in self.data.samples)
-        self.cache = "vision" not in stage.train
-        model.vision.train(not self.cache)
-        self._features: dict[str, torch.Tensor] = {}
+        self.frozen = "vision" not in stage.train
+        model.vision.train(not self.frozen)
+        self.cache = self.frozen and (
+            stage.cache_features if stage.cache_features is not None else self._cache_gb() <= FEATURE_CACHE_GB
+        )
+        self._features: dict[str, torch.Tensor] = {}  # image path -> (N, D) features on the CPU
 
     def __len__(self) -> int:
         return len(self.data)
 
     def lengths(self) -> Sequence[int]:
         return self._lengths
+
+    def _cache_gb(self) -> float:
+        """The size of every image's features of this stage, in GB."""
+        images = {p for s in self.data.samples for p in s.images}
+        tower = self.model.vision
+        per_image = tower.num_tokens * tower.hidden_size * next(tower.parameters()).element_size()
+        return len(images) * per_image / 1e9
 
     def describe(self) -> dict[str, Any]:
         return {"records": dict(self.data.counts), "tokens": self.data.num_tokens(), "cache": self.cache}
@@ -85,33 +97,43 @@ class VLMObjective(nn.Module):
         }
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
+        """Padded ids and labels, and the pixels the tower must see: all images, or with the feature
+        cache only those not seen before, one tensor each (`image_keys` lists every image in order)."""
         out = collate([self.data[i] for i in indices], self.model.tokenizer.pad_token_id)
-        paths = out.pop("images")
+        paths = [str(p) for p in out.pop("images")]
         out = {k: v.to(self.device) for k, v in out.items()}
-        if paths and self.cache:
-            out["vision_features"] = self._cached(paths)
+        if self.cache and paths:
+            new = [p for p in dict.fromkeys(paths) if p not in self._features]
+            out |= {"image_keys": paths, "new_images": {p: self._pixels([p]) for p in new}}
         elif paths:
             out["pixel_values"] = self._pixels(paths)
         return out
 
-    def _pixels(self, paths: list[Path]) -> torch.Tensor:
+    def _pixels(self, paths: list[str]) -> torch.Tensor:
         return self.model.vision.preprocess([load_image(p) for p in paths]).to(self.device)
 
     @torch.no_grad()
-    def _cached(self, paths: list[Path]) -> torch.Tensor:
-        """(B_img, N, D) tower features, computing only the images not seen before.
+    def _cached_features(self, keys: list[str], new: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B_img, N, D) features of a frozen tower from the cache, computing the new images first.
 
-        One image per forward pass: batched CPU kernels differ in the last bits with the batch's size
-        and company, so a feature must not depend on which images it was first seen with, or a resumed
-        run (whose cache fills in other batches) would not end with the same weights (~2 ms per image)."""
-        for path in dict.fromkeys(str(p) for p in paths if str(p) not in self._features):
-            self._features[path] = self.model.vision(self._pixels([path]))[0]
-        return torch.stack([self._features[str(p)] for p in paths])
+        One image per forward pass, preprocessed alone: batched CPU kernels differ in the last bits
+        with the batch's size, layout and company, so a feature must not depend on which images it
+        was first seen with, or a resumed run (whose cache fills in other batches) would not end with
+        the same weights."""
+        for key, pixels in new.items():
+            self._features[key] = self.model.vision(pixels)[0].cpu()
+        return torch.stack([self._features[k] for k in keys]).to(self.device)
 
     def count(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        batch = dict(batch)
+        if "image_keys" in batch:
+            batch["vision_features"] = self._cached_features(batch.pop("image_keys"), batch.pop("new_images"))
+        elif self.frozen and "pixel_values" in batch:
+            with torch.no_grad():
+                batch["vision_features"] = self.model.vision(batch.pop("pixel_values"))
         return self.model.loss_sum(**batch)
 
     def finish(self) -> None:
