@@ -1,0 +1,1 @@
+"""Evaluation: metrics, benchmark loaders, tasks, reports, retrieval and the text-retention set."""

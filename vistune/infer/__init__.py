@@ -1,0 +1,1 @@
+"""Inference: batched generation, the chat session, embeddings and zero-shot classification."""
