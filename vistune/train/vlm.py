@@ -27,6 +27,10 @@ from vistune.train.objective import StageContext
 FEATURE_CACHE_GB = 4.0  # the largest feature cache kept when a stage does not say
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def add_lora(model: VLM, stage: Stage) -> None:
     """Wrap `model.llm` with peft LoRA adapters as the stage asks (all linear layers, or the top N)."""
     targets, layers = "all-linear", None
@@ -134,7 +138,14 @@ class VLMObjective(nn.Module):
         elif self.frozen and "pixel_values" in batch:
             with torch.no_grad():
                 batch["vision_features"] = self.model.vision(batch.pop("pixel_values"))
-        return self.model.loss_sum(**batch)
+        loss = self.model.loss_sum(**batch)
+        if "vision_features" not in batch and "pixel_values" not in batch and _distributed():
+            # A micro-batch of text only leaves the tower and projector out; sharded training (FSDP)
+            # reduces the gradients of the same parameters on every process, so they take part with
+            # a zero term (a zero gradient: what they contribute to this micro-batch).
+            image_side = [*self.model.vision.parameters(), *self.model.projector.parameters()]
+            loss = loss + 0.0 * sum(p.sum() for p in image_side if p.requires_grad)
+        return loss
 
     def finish(self) -> None:
         if isinstance(self.model.llm, PeftModel):
