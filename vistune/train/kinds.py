@@ -2,7 +2,7 @@
 
 Built in: `vlm` (answer-token loss on conversations), `contrastive` (CLIP/SigLIP image-text
 pretraining of the tower) and `classify` (the tower with a linear head on an ImageFolder). Extensions
-add kinds to the same table (`vistune.train.objective.OBJECTIVES`) through their entry point.
+add theirs to `vistune.train.objective.OBJECTIVES` through their entry point; `stage_kinds` joins both.
 """
 
 from __future__ import annotations
@@ -14,23 +14,34 @@ from vistune.extensions import load_extensions
 from vistune.model.vlm import VLM
 from vistune.train.classifier import classify_stage
 from vistune.train.contrastive import contrastive_stage
-from vistune.train.objective import OBJECTIVES, Objective, StageContext, register_objective
+from vistune.train.objective import OBJECTIVES, Objective, ObjectiveFactory, StageContext
 from vistune.train.vlm import VLMObjective
 
-BUILT_IN = {"vlm": VLMObjective, "contrastive": contrastive_stage, "classify": classify_stage}
+BUILT_IN: dict[str, ObjectiveFactory] = {
+    "vlm": VLMObjective,
+    "contrastive": contrastive_stage,
+    "classify": classify_stage,
+}
+
+
+def stage_kinds() -> dict[str, ObjectiveFactory]:
+    """Every stage kind: the built-in ones and those the installed extensions add."""
+    load_extensions()
+    clash = sorted(set(BUILT_IN) & set(OBJECTIVES))
+    if clash:
+        raise ValueError(f"stage kind(s) {clash} are built in; an extension cannot take them")
+    return BUILT_IN | OBJECTIVES
 
 
 def check_kinds(stages: Sequence[Stage]) -> None:
     """Fail before any work if a stage names a kind that is not registered."""
-    for kind, factory in BUILT_IN.items():
-        register_objective(kind, factory)
-    load_extensions()
+    kinds = stage_kinds()
     for stage in stages:
-        if stage.kind not in OBJECTIVES:
-            raise ValueError(f"stage {stage.name!r}: kind {stage.kind!r} is not one of {sorted(OBJECTIVES)}")
+        if stage.kind not in kinds:
+            raise ValueError(f"stage {stage.name!r}: kind {stage.kind!r} is not one of {sorted(kinds)}")
 
 
 def build_objective(stage: Stage, model: VLM, ctx: StageContext) -> Objective:
     """The objective that trains `model` for `stage`."""
     check_kinds([stage])
-    return OBJECTIVES[stage.kind](stage, model, ctx)
+    return stage_kinds()[stage.kind](stage, model, ctx)

@@ -1,8 +1,8 @@
 """What a training stage optimises: the `Objective` protocol that the one training loop drives.
 
-Stage kinds are a table from a stage's `kind` to the factory that builds its objective
-(`OBJECTIVES`): `vistune.train.kinds` registers the built-in ones, extensions add theirs with
-`register_objective` (the shapes world adds `scene`).
+Stage kinds are a table from a stage's `kind` to the factory that builds its objective: the built-in
+ones are in `vistune.train.kinds`, extensions add theirs here with `register_objective` (the shapes
+world adds `scene`).
 
 An objective is an nn.Module holding a stage's data, its loss and every module that the stage's
 checkpoints must restore (the run's model, plus heads of its own). The loop (`vistune.train.loop`)
@@ -71,7 +71,7 @@ class Objective(Protocol):
 
 
 ObjectiveFactory = Callable[[Stage, VLM, StageContext], Objective]
-OBJECTIVES: dict[str, ObjectiveFactory] = {}
+OBJECTIVES: dict[str, ObjectiveFactory] = {}  # the kinds extensions add
 
 
 def register_objective(kind: str, factory: ObjectiveFactory) -> None:
