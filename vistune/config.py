@@ -149,7 +149,7 @@ class DataSpec:
 class Stage:
     """One training stage: what data, which modules learn, and how long.
 
-    kind: a registered objective (`vistune.train.objective.OBJECTIVES`): `vlm` (next-token loss on
+    kind: a stage kind (`vistune.train.kinds.stage_kinds`): `vlm` (next-token loss on
     assistant tokens), `contrastive` (image-text), `classify` (the tower with a linear head on an
     ImageFolder), or one an extension adds (the shapes world's `scene`).
     train: trainable module sets among vision, projector, llm (full), lora (adapters on the LLM).
