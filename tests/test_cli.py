@@ -33,6 +33,23 @@ def test_eval_task_retrieval_is_routed_to_retrieval(monkeypatch):
     assert seen["argv"] == ["MODEL", "--data", "x.jsonl"]
 
 
+def test_eval_suite_shapes_is_routed_to_the_shapes_suite(monkeypatch):
+    seen = {}
+    import vistune.shapes.suite as suite
+
+    monkeypatch.setattr(suite, "main_suite", lambda argv: seen.setdefault("argv", argv) and 0)
+    cli.main(["eval", "MODEL", "--suite=shapes", "--data", "DIR"])
+    assert seen["argv"] == ["MODEL", "--data", "DIR"]
+
+
+@pytest.mark.parametrize("target", sorted(cli.EVAL_ROUTES.values()))
+def test_eval_routes_have_help(target, capsys):
+    module, function = target.split(":")
+    with pytest.raises(SystemExit) as done:
+        getattr(importlib.import_module(module), function)(["--help"])
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err

@@ -28,7 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def world(tmp_path_factory, tiny_llm_dir) -> dict:
     """A tiny shapes world and the shared tiny random Llama (conftest) with the real SmolLM2 tokenizer."""
     base = tmp_path_factory.mktemp("train")
-    synthesize(base / "data", sizes={"train": 12, "val": 0, "test": 0, "compositional": 0}, workers=1)
+    synthesize(
+        base / "data",
+        sizes={"train": 12, "val": 0, "test": 0, "compositional": 0},
+        workers=1,
+        imagefolder=True,
+    )
     return {"base": base, "data": base / "data", "llm": str(tiny_llm_dir), "text": tiny_text_dir(base)}
 
 
@@ -87,26 +92,36 @@ def test_stages_run_and_loss_falls(world, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
-def three_kinds(world: dict, out: Path) -> dict:
-    """scene (3 steps), contrastive (3) and LoRA instruct (3), a checkpoint every 2 steps."""
+def every_kind(world: dict, out: Path) -> dict:
+    """scene, classify, contrastive and LoRA instruct, 3 steps each, a checkpoint every 2 steps."""
     cfg = make_cfg(world, out, steps=3)
+    classify = {
+        "name": "labels",
+        "kind": "classify",
+        "train": ["vision", "projector"],
+        "data": [{"path": "imagefolder/train"}],
+        "batch_size": 4,
+        "max_steps": 3,
+        "lr": 0.01,
+    }
     contrastive = {"name": "clip", "kind": "contrastive", "train": ["vision", "projector"],
                    "data": [{"path": "train/pairs.jsonl", "image_root": "images"}],
                    "text_tower": world["text"], "batch_size": 4, "max_steps": 3, "max_length": 32,
                    "lr": 0.01, "chunk_size": 2}  # fmt: skip
-    cfg["stages"] = [cfg["stages"][0], contrastive, {**cfg["stages"][1], "train": ["lora"]}]
+    cfg["stages"] = [cfg["stages"][0], classify, contrastive, {**cfg["stages"][1], "train": ["lora"]}]
     return cfg
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(world, tmp_path_factory) -> dict[str, torch.Tensor]:
-    return weights(train(config_from_dict(three_kinds(world, tmp_path_factory.mktemp("full")))))
+    return weights(train(config_from_dict(every_kind(world, tmp_path_factory.mktemp("full")))))
 
 
-# Optimizer steps counted over the run: 3 scene, 3 contrastive, 3 instruct. Killed at the n-th:
-# 3 inside scene, after its step-2 checkpoint; 4 at the start of contrastive (scene complete); 6 inside
-# contrastive; 7 at the start of the LoRA stage (new adapters need the saved random state); 9 inside it.
-@pytest.mark.parametrize("kill_at", [3, 4, 6, 7, 9])
+# Optimizer steps counted over the run: 3 scene, 3 classify, 3 contrastive, 3 instruct. Killed at the
+# n-th: 3 inside scene, after its step-2 checkpoint; 4 at the start of classify (scene complete); 6
+# inside classify; 7 at the start of contrastive; 9 inside contrastive; 10 at the start of the LoRA
+# stage (new adapters need the saved random state); 12 inside it.
+@pytest.mark.parametrize("kill_at", [3, 4, 6, 7, 9, 10, 12])
 def test_resume_after_kill_matches_uninterrupted(world, tmp_path, monkeypatch, uninterrupted, kill_at):
     real_step, calls = loop.train_step, {"n": 0}
 
@@ -118,9 +133,9 @@ def test_resume_after_kill_matches_uninterrupted(world, tmp_path, monkeypatch, u
 
     monkeypatch.setattr(loop, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train(config_from_dict(three_kinds(world, tmp_path / "b")))
+        train(config_from_dict(every_kind(world, tmp_path / "b")))
     monkeypatch.setattr(loop, "train_step", real_step)
-    resumed = weights(train(config_from_dict(three_kinds(world, tmp_path / "b")), resume=True))
+    resumed = weights(train(config_from_dict(every_kind(world, tmp_path / "b")), resume=True))
     assert uninterrupted.keys() == resumed.keys()
     for key in uninterrupted:
         assert torch.equal(uninterrupted[key], resumed[key]), key
