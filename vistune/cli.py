@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data inspect": ("vistune.train.inspect:main_inspect", "show records token by token with their labels"),
     "train": ("vistune.train.run:main_train", "train a model through a config's stages"),
     "chat": ("vistune.infer.session:main_chat", "talk with a model about images (or text only)"),
+    "serve": ("vistune.infer.server:main_serve", "OpenAI-compatible HTTP API and web chat page"),
     "eval": ("vistune.eval.run:main_eval", "score a model on a benchmark file or suite"),
     "contrastive": ("vistune.train.contrastive:main_train_contrastive", "CLIP/SigLIP image-text pretraining"),
     "embed": ("vistune.infer.embed:main_embed", "write normalised image or text embeddings"),
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vistune.train.classifier:main_train_classifier",
         "linear probe or fine-tune on an ImageFolder",
     ),
+    "export": ("vistune.interop.export:main_export", "write a model dir in the transformers LLaVA format"),
 }
 # `vistune eval` options that run another scorer than generation: (option, value) -> target.
 EVAL_ROUTES = {

@@ -114,11 +114,16 @@ class LLMConfig:
 
 @dataclass
 class ModelConfig:
-    """The three parts of a vision-language model."""
+    """The three parts of a vision-language model.
+
+    `from_pretrained`: a transformers LLaVA directory to start from instead; tower, projector and LLM
+    (weights and architecture) then come from it, and only `llm.chat_template` of the parts below applies.
+    """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    from_pretrained: str | None = None
 
 
 @dataclass

@@ -57,12 +57,14 @@ class VisionTower(nn.Module):
         image_size: side of the square input the backbone expects.
     """
 
-    def __init__(self, config: VisionConfig, model: nn.Module, image_size: int) -> None:
+    def __init__(
+        self, config: VisionConfig, model: nn.Module, image_size: int, norm: tuple[list, list] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.model = model
         self.image_size = image_size
-        self.mean, self.std = _norm(config)
+        self.mean, self.std = tuple(norm) if norm else _norm(config)
         self.grid, self.hidden_size = _probe(self)
 
     @property
@@ -87,11 +89,13 @@ class VisionTower(nn.Module):
         return feats
 
     def arch(self) -> dict[str, Any]:
-        """JSON-able architecture: enough to rebuild this tower with `build_vision_tower(cfg, arch)`."""
+        """JSON-able architecture and normalisation: what `build_vision_tower` needs to rebuild the tower."""
         return {
             "kind": self.config.kind,
             "hf_config": self.model.config.to_dict(),
             "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
         }
 
 
@@ -194,7 +198,8 @@ def build_vision_tower(cfg: VisionConfig, arch: dict[str, Any] | None = None) ->
     else:
         model, image_size = model_cls(_fresh_hf_config(cfg)), cfg.image_size
     _check(cfg, model)
-    tower = VisionTower(cfg, model, image_size)
+    norm = (arch["mean"], arch["std"]) if arch and "mean" in arch else None  # saved with the tower
+    tower = VisionTower(cfg, model, image_size, norm)
     if cfg.weights and arch is None:
         load_tower_weights(tower, cfg.weights)
     return tower

@@ -12,7 +12,8 @@ import dataclasses
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vistune.config import Config, load_config
+from vistune.config import ModelConfig, load_config
+from vistune.interop.llava import model_config_from_llava
 from vistune.model.llm import image_token_id, load_tokenizer
 from vistune.model.projector import ProjectorContext, build_projector
 from vistune.model.template import IGNORE
@@ -52,8 +53,12 @@ def main_inspect(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    tokenizer = load_tokenizer(cfg.model.llm.name_or_path, cfg.model.llm.chat_template)
-    image_tokens = _image_tokens(cfg, tokenizer)
+    model_cfg, arch = cfg.model, None
+    if cfg.model.from_pretrained:  # the parts come from a transformers LLaVA directory
+        model_cfg, arch = model_config_from_llava(cfg.model.from_pretrained)
+        model_cfg.llm.chat_template = cfg.model.llm.chat_template
+    tokenizer = load_tokenizer(model_cfg.llm.name_or_path, model_cfg.llm.chat_template)
+    image_tokens = _image_tokens(model_cfg, arch, tokenizer)
     for stage in cfg.stages:
         if stage.kind != "vlm" or (args.stage and stage.name != args.stage):
             continue
@@ -65,10 +70,10 @@ def main_inspect(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _image_tokens(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Image tokens per image for this config, from the tower and projector (built without the LLM:
+def _image_tokens(cfg: ModelConfig, arch: dict | None, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Image tokens per image for this model, from the tower and projector (built without the LLM:
     stand-in word embeddings of width 8 are enough to count tokens)."""
-    tower = build_vision_tower(cfg.model.vision)
+    tower = build_vision_tower(cfg.vision, arch)
     words = torch.zeros(len(tokenizer), 8)
     context = ProjectorContext(tower.hidden_size, 8, tower.grid, words, tokenizer)
-    return build_projector(cfg.model.projector, context).num_tokens(tower.num_tokens)
+    return build_projector(cfg.projector, context).num_tokens(tower.num_tokens)

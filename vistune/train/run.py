@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from vistune.config import Config, load_config, save_config
+from vistune.interop.llava import load_llava
 from vistune.model.vlm import build_vlm, save_vlm
 from vistune.train.checkpoint import gather_state
 from vistune.train.kinds import build_objective, check_kinds
@@ -24,7 +25,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
     run = open_run(Path(cfg.out), cfg.seed, cfg.save_every, cfg.keep_last)
     if run.accelerator.is_main_process:
         save_config(cfg, run.dir / "config.json")
-    model = build_vlm(cfg.model)
+    model = (
+        load_llava(cfg.model.from_pretrained, cfg.model.llm.chat_template)
+        if cfg.model.from_pretrained
+        else build_vlm(cfg.model)
+    )
     context = run.context()
     run_stages(cfg.stages, model, lambda stage: build_objective(stage, model, context), run, resume)
     state = gather_state(model).model  # full weights on the main process, however they are sharded
