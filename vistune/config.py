@@ -61,6 +61,16 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
             raise ValueError(f"vision.kind {self.kind!r} is not one of {VISION_KINDS}")
+        _at_least(self, "vision.", 1, "image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
+                  "intermediate_size")  # fmt: skip
+        if (
+            not self.resnet_depths
+            or not self.resnet_widths
+            or min(self.resnet_depths + self.resnet_widths) < 1
+        ):
+            raise ValueError(
+                "vision.resnet_depths and resnet_widths must be non-empty lists of positive counts"
+            )
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"vision.preprocess {self.preprocess!r} is not one of {PREPROCESS}")
         if self.kind != "resnet" and self.image_size % self.patch_size:
@@ -138,6 +148,8 @@ class DataSpec:
     where: dict[str, list] | None = None
 
     def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"data {self.path!r}: limit must be at least 1 (or null for every record)")
         if self.where is None:
             return
         if not isinstance(self.where, dict) or not self.where:
@@ -196,9 +208,17 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: choose llm (full) or lora, not both")
         if self.on_bad_record not in ("raise", "skip"):
             raise ValueError(f"stage {self.name!r}: on_bad_record must be raise or skip")
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"stage {self.name!r}: {name} must be at least 1")
+        where = f"stage {self.name!r}: "
+        _at_least(
+            self, where, 1, "batch_size", "grad_accum", "max_length", "lora_rank", "chunk_size", "embed_dim"
+        )
+        _at_least(self, where, 1, *(n for n in ("max_steps", "lora_layers") if getattr(self, n) is not None))
+        _above(self, where, 0, "lr", "epochs", "lora_alpha", "max_grad_norm")
+        _above(self, where, 0, *(["lr_vision"] if self.lr_vision is not None else []))
+        if self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{where}weight_decay must be >= 0 and warmup_ratio in [0, 1)")
+        if self.loss not in ("clip", "siglip"):
+            raise ValueError(f"{where}loss {self.loss!r} is not one of ('clip', 'siglip')")
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
 
 
@@ -229,6 +249,20 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, as saved beside every checkpoint."""
         return dataclasses.asdict(self)
+
+
+def _at_least(obj: Any, where: str, low: int, *names: str) -> None:
+    """Each named field must be >= low; the error names the field."""
+    for name in names:
+        if getattr(obj, name) < low:
+            raise ValueError(f"{where}{name} must be at least {low}, got {getattr(obj, name)}")
+
+
+def _above(obj: Any, where: str, low: float, *names: str) -> None:
+    """Each named field must be > low; the error names the field."""
+    for name in names:
+        if not getattr(obj, name) > low:
+            raise ValueError(f"{where}{name} must be above {low}, got {getattr(obj, name)}")
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:

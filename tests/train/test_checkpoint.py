@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,36 @@ def test_tied_weights_round_trip(tmp_path):
     ckpt.load_weights(path, fresh)
     torch.testing.assert_close(fresh[1].weight, model[0].weight)
     assert fresh[1].weight is fresh[0].weight
+
+
+def test_resume_skips_a_broken_newest_checkpoint_saying_why(tmp_path, capsys):
+    model, optimizer, scheduler = _setup()
+    state = ckpt.gather_state(model, optimizer, scheduler)
+    first = ckpt.save_checkpoint(tmp_path, "stage0-step00000001", state, {"stage": 0, "step": 1}, keep_last=3)
+    second = ckpt.save_checkpoint(
+        tmp_path, "stage0-step00000002", state, {"stage": 0, "step": 2}, keep_last=3
+    )
+    assert ckpt.usable_checkpoint(tmp_path)[0] == second
+    data = (second / "model.safetensors").read_bytes()
+    (second / "model.safetensors").write_bytes(data[:-10])  # a disk that lost the tail
+    path, info = ckpt.usable_checkpoint(tmp_path)
+    assert path == first and info["step"] == 1
+    assert (
+        "skipping checkpoint stage0-step00000002: model.safetensors is truncated" in capsys.readouterr().err
+    )
+    (first / "state.json").write_text("{not json")
+    assert ckpt.usable_checkpoint(tmp_path) == (None, None)
+
+
+def test_a_checkpoint_is_flushed_to_disk_before_it_is_complete(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _setup()
+    events = []
+    real_fsync, real_replace = ckpt.os.fsync, ckpt.os.replace
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        ckpt.os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1]
+    )
+    ckpt.save_checkpoint(tmp_path, "s1", ckpt.gather_state(model, optimizer, scheduler), {}, keep_last=1)
+    marker = events.index(f"replace {ckpt.COMPLETE}")
+    assert events[:4] == ["fsync"] * 4  # the three files and their directory, before the rename
+    assert events[marker - 1] == "fsync" and events[marker + 1] == "fsync"

@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 from vistune.config import Stage, config_from_dict
 from vistune.model.vlm import build_vlm
 from vistune.shapes.synth import synthesize
+from vistune.train import checkpoint as ckpt
 from vistune.train import loop
 from vistune.train.order import batch_indices
 from vistune.train.run import train
+from vistune.train.rundir import config_sha256
 from vistune.train.vlm import VLMObjective
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +143,27 @@ def test_resume_after_kill_matches_uninterrupted(world, tmp_path, monkeypatch, u
         assert torch.equal(uninterrupted[key], resumed[key]), key
 
 
+# Killed inside a save: while writing the end-of-scene checkpoint's weights (a half-written temporary
+# dir), and after the end-of-contrastive checkpoint is renamed into place but before it is marked complete.
+@pytest.mark.parametrize("where, nth", [("save_file", 3), ("_write_marker", 6)])
+def test_resume_after_a_kill_inside_a_save(world, tmp_path, monkeypatch, uninterrupted, where, nth):
+    real, calls = getattr(ckpt, where), {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, where, dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_dict(every_kind(world, tmp_path / "b")))
+    monkeypatch.setattr(ckpt, where, real)
+    resumed = weights(train(config_from_dict(every_kind(world, tmp_path / "b")), resume=True))
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], resumed[key]), key
+
+
 def test_grad_accum_equals_big_batch(world, tmp_path):
     one = train(config_from_dict(make_cfg(world, tmp_path / "one", steps=3, batch=4)))
     acc = train(config_from_dict(make_cfg(world, tmp_path / "acc", steps=3, batch=2, accum=2)))
@@ -197,7 +220,7 @@ def test_bad_record_stops_or_is_skipped(world, tmp_path):
     with pytest.raises(ValueError, match=records[1]["id"]):
         train(config_from_dict(cfg))
     cfg["stages"][0]["on_bad_record"] = "skip"
-    train(config_from_dict(cfg))
+    train(config_from_dict(cfg), overwrite=True)  # the failed attempt left its config and logs
     stage_row = json.loads((tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()[0])
     assert stage_row["records"]["skipped_bad"] == 1
 
@@ -262,3 +285,32 @@ def test_a_kind_refuses_parts_it_does_not_have(world, tmp_path):
         ValueError, match=r"stage 'vision' \(scene\): train names \['lora'\]; this kind trains \['vision'\]"
     ):
         train(config_from_dict(cfg))
+
+
+def test_a_run_dir_holds_one_run(world, tmp_path):
+    """A fresh run into a finished run's dir stops; --overwrite replaces only vistune's outputs; --resume
+    with another config names the fields that differ; operational fields may change."""
+    raw = make_cfg(world, tmp_path / "one", steps=1)
+    raw["stages"] = raw["stages"][1:]
+    train(config_from_dict(raw))
+    recorded = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert recorded["config_sha256"] == config_sha256(config_from_dict(raw).to_dict())
+    with pytest.raises(ValueError, match=r"holds a previous run \(config.json, run.json, checkpoints"):
+        train(config_from_dict(raw))
+    changed = json.loads(json.dumps(raw))
+    changed["stages"][0]["lr"] = 0.02
+    with pytest.raises(ValueError, match=r"differs from the run's in stages\[0\].lr: 0.01 -> 0.02"):
+        train(config_from_dict(changed), resume=True)
+    train(config_from_dict({**raw, "save_every": 5}), resume=True)  # how often to save may change
+    (tmp_path / "one" / "notes.txt").write_text("mine")
+    train(config_from_dict(changed), overwrite=True)
+    assert (tmp_path / "one" / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["stages"][0]["lr"] == 0.02
+
+
+def test_a_config_without_stages_trains_nothing(world, tmp_path):
+    raw = make_cfg(world, tmp_path / "empty")
+    raw["stages"] = []
+    with pytest.raises(ValueError, match="no stages"):
+        train(config_from_dict(raw))
+    assert not (tmp_path / "empty").exists()

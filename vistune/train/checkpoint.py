@@ -5,9 +5,10 @@ tensors (safetensors), and everything else (optimizer hyper-parameters, schedule
 position) as JSON. States are taken with torch's distributed state-dict API (full, on the CPU), so the
 same code saves and restores a plain module, a DDP replica or FSDP-sharded weights; taking them is a
 collective step that every process runs, writing is the main process's. A checkpoint is written under
-a temporary name, renamed into place, and only then marked COMPLETE: a run killed at any moment leaves
-the previous complete checkpoint untouched; unmarked directories are ignored, and removed by the next
-save. Checkpoints are ordered by the numbers in their names.
+a temporary name, flushed to disk (fsync), renamed into place, and only then marked COMPLETE: a run
+killed at any moment leaves the previous complete checkpoint untouched; unmarked directories are
+ignored, and removed by the next save. Checkpoints are ordered by the numbers in their names (stage,
+then step); resuming takes the newest one that reads whole and says which it skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,17 +164,31 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = {"aliases": aliases, "optimizer": plain, "scheduler": state.scheduler, "rng": rng_state(), **info}
     (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json", "."):
+        _fsync(tmp / name)  # on disk before the checkpoint can be called complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync(root)
     _write_marker(final)
     _rotate(root, keep_last)
     return final
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_marker(path: Path) -> None:
     marker = path / f".{COMPLETE}.tmp"
     marker.write_text("ok\n", encoding="utf-8")
+    _fsync(marker)
     os.replace(marker, path / COMPLETE)
+    _fsync(path)
 
 
 def _rotate(root: Path, keep_last: int) -> None:
@@ -201,6 +217,33 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose size holds every tensor it lists."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path.name} has a corrupt header ({err})") from err
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + size + end:
+        raise ValueError(f"{path.name} is truncated ({path.stat().st_size} bytes, needs {8 + size + end})")
+
+
+def usable_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | tuple[None, None]:
+    """The newest complete checkpoint that reads whole, with its info; a broken newer one is skipped with a
+    message saying why (a disk that lost data, a file edited by hand)."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        try:
+            info = read_info(path)
+            for name in ("model.safetensors", "optimizer.safetensors"):
+                _check_safetensors(path / name)
+            return path, info
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            print(f"resume: skipping checkpoint {path.name}: {err}", file=sys.stderr, flush=True)
+    return None, None
 
 
 def read_info(ckpt: Path) -> dict[str, Any]:

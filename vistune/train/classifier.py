@@ -187,7 +187,7 @@ def _fine_tune(
         name="finetune", kind="classify", train=["vision", "projector"], lr=args.lr, epochs=args.epochs,
         batch_size=args.batch_size, weight_decay=0.01, warmup_ratio=0.05,
     )  # fmt: skip
-    run = open_run(Path(args.out), args.seed, save_every=200, keep_last=1)
+    run = open_run(Path(args.out), args.seed, 200, 1, resume=args.resume, overwrite=args.overwrite)
     build = lambda s: ClassifierObjective(model, splits["train"], run.accelerator.device)  # noqa: E731
     run_stages([stage], model, build, run, resume=args.resume)
     run.log.close()
@@ -211,6 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use at most N images per split (spread over classes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="finetune: continue from the last checkpoint in OUT")
+    p.add_argument("--overwrite", action="store_true", help="finetune: replace a previous run in OUT")
     return p
 
 

@@ -164,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue from the last complete checkpoint in --out"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     return p
 
 
@@ -175,12 +176,13 @@ def train_contrastive(
     seed: int = 0,
     resume: bool = False,
     save_every: int = 200,
+    overwrite: bool = False,
 ) -> float:
     """Train a standalone image-text model on (image path, caption) pairs through the training loop.
 
     `out` is the run dir (checkpoints, metrics.jsonl, tensorboard/) and receives the model; `resume`
     continues from its newest complete checkpoint. Returns the last finite step's loss."""
-    run = open_run(Path(out), seed, save_every=save_every, keep_last=1)
+    run = open_run(Path(out), seed, save_every=save_every, keep_last=1, resume=resume, overwrite=overwrite)
     save_to = run.dir if run.accelerator.is_main_process else None
     build = lambda s: ContrastiveObjective(model, pairs, s, run.accelerator.device, save_to=save_to)  # noqa: E731
     run_stages([stage], model, build, run, resume=resume)
@@ -207,6 +209,8 @@ def main_train_contrastive(argv: list[str] | None = None) -> int:
     model = ContrastiveModel(
         build_vision_tower(vision), build_text_tower(args.text), args.embed_dim, args.loss
     )
-    loss = train_contrastive(model, pairs, stage, Path(args.out), args.seed, resume=args.resume)
+    loss = train_contrastive(
+        model, pairs, stage, Path(args.out), args.seed, resume=args.resume, overwrite=args.overwrite
+    )
     print(f"saved {args.out}: last loss {loss:.4f}")
     return 0

@@ -31,6 +31,7 @@ from vistune.config import Stage
 from vistune.train import checkpoint as ckpt
 from vistune.train.objective import Objective, StageContext
 from vistune.train.order import batch_indices, total_steps
+from vistune.train.rundir import check_run_dir, clear_run_dir, record_config
 from vistune.train.runlog import RunLog
 from vistune.train.trainable import set_trainable
 
@@ -81,8 +82,7 @@ def run_stages(
 ) -> None:
     """Train `model` through `stages` in order; with `resume`, continue from the newest complete
     checkpoint: stages it finished are skipped, a stage it is inside continues at the next step."""
-    last = ckpt.latest_checkpoint(run.dir) if resume else None
-    info = ckpt.read_info(last) if last else None
+    last, info = ckpt.usable_checkpoint(run.dir) if resume else (None, None)
     if info and info["stage_complete"]:
         ckpt.load_weights(last, model)  # the model as that stage left it; later stages start from here
         ckpt.set_rng_state(info["rng"])  # and the random state it left, so new adapters start the same
@@ -93,12 +93,30 @@ def run_stages(
         fit(build(stage), stage, run, index, keep=model, resume_from=resume_from)
 
 
-def open_run(run_dir: Path, seed: int, save_every: int = 200, keep_last: int = 2) -> Run:
-    """A Run writing to `run_dir`: the accelerator, the seeded RNGs and the metrics log."""
+def open_run(
+    run_dir: Path,
+    seed: int,
+    save_every: int = 200,
+    keep_last: int = 2,
+    resume: bool = False,
+    overwrite: bool = False,
+    config: dict | None = None,
+) -> Run:
+    """A Run writing to `run_dir`: the accelerator, the seeded RNGs and the metrics log.
+
+    A fresh run into a dir holding another run stops unless `overwrite` (which removes that run's
+    outputs); `resume` with a `config` that differs from the recorded one stops (see `rundir`).
+    """
+    check_run_dir(run_dir, config, resume, overwrite)
     accelerator = make_accelerator()
     set_seed(seed)
     if accelerator.is_main_process:
+        if overwrite and not resume:
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            record_config(run_dir, config)
+    accelerator.wait_for_everyone()
     log = RunLog(run_dir, accelerator.is_main_process)
     return Run(run_dir, accelerator, log, seed, save_every, keep_last)
 

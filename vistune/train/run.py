@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vistune.config import Config, load_config, save_config
+from vistune.config import Config, load_config
 from vistune.interop.llava import load_llava
 from vistune.model.vlm import build_vlm, save_vlm
 from vistune.train.checkpoint import gather_state
@@ -19,12 +19,15 @@ from vistune.train.kinds import build_objective, check_kinds
 from vistune.train.loop import open_run, run_stages
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
-    """Run every stage of `cfg`; return the directory of the final model (loadable by chat/eval)."""
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run every stage of `cfg`; return the directory of the final model (loadable by chat/eval).
+
+    `resume` continues the run in `cfg.out`; a fresh run into a dir that holds one stops unless
+    `overwrite`."""
+    if not cfg.stages:
+        raise ValueError("the config has no stages: nothing to train")
     check_kinds(cfg.stages)
-    run = open_run(Path(cfg.out), cfg.seed, cfg.save_every, cfg.keep_last)
-    if run.accelerator.is_main_process:
-        save_config(cfg, run.dir / "config.json")
+    run = open_run(Path(cfg.out), cfg.seed, cfg.save_every, cfg.keep_last, resume, overwrite, cfg.to_dict())
     model = (
         load_llava(cfg.model.from_pretrained, cfg.model.llm.chat_template)
         if cfg.model.from_pretrained
@@ -48,8 +51,9 @@ def main_train(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     parser.add_argument("--out", help="run directory (overrides the config's `out`)")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in the run dir")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set + ([f"out={args.out}"] if args.out else []))
-    model_dir = train(cfg, resume=args.resume)
+    model_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({"model": str(model_dir)}))
     return 0
