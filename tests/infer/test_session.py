@@ -11,6 +11,7 @@ from PIL import Image
 from vistune.data.records import Turn
 from vistune.infer.generate import Generator, load_generator
 from vistune.infer.session import Session, main_chat
+from vistune.model.template import render
 from vistune.model.vlm import save_vlm
 
 RED, BLUE = (220, 30, 30), (30, 70, 220)
@@ -77,12 +78,12 @@ def test_image_goes_with_the_first_message_reset_clears_quit_stops(monkeypatch, 
     assert asks[0]["images"] == [RED] and asks[1]["images"] == []
     assert asks[0]["before"] == [] and asks[1]["before"] == []  # /reset dropped the first exchange
     assert [t.role for t in asks[0]["after"]] == ["user", "assistant"]
-    assert asks[0]["after"][0] == Turn("user", "<image>\nwhat colour?")
+    assert asks[0]["after"][0] == Turn("user", "<image>\nwhat colour?", 1)
     assert all(a["stream"] and a["sampling"]["max_new_tokens"] == 4 for a in asks)
     gens = calls["generate"]
     assert [g["turns"] for g in gens] == [
-        [[Turn("user", "<image>\nwhat colour?")]],
-        [[Turn("user", "hello")]],
+        [[Turn("user", "<image>\nwhat colour?", 1)]],
+        [[Turn("user", "hello", 0)]],
     ]
     assert [g["images"] for g in gens] == [[[RED]], [[]]]
     captured = capsys.readouterr()
@@ -100,8 +101,8 @@ def test_images_attach_to_the_next_message_and_the_conversation_continues(
     assert [a["text"] for a in asks] == ["first", "second"]  # blank lines are skipped, text stripped
     assert asks[0]["images"] == [RED, BLUE] and asks[1]["images"] == []
     first_reply = asks[0]["reply"]
-    assert asks[1]["before"] == [Turn("user", "<image>\n<image>\nfirst"), Turn("assistant", first_reply)]
-    assert calls["generate"][1]["turns"][0][-1] == Turn("user", "second")
+    assert asks[1]["before"] == [Turn("user", "<image>\n<image>\nfirst", 2), Turn("assistant", first_reply)]
+    assert calls["generate"][1]["turns"][0][-1] == Turn("user", "second", 0)
     assert calls["generate"][1]["images"] == [[RED, BLUE]]  # the session's images travel with every turn
     assert _printed_replies(capsys.readouterr().out) == [first_reply, asks[1]["reply"]]
 
@@ -128,7 +129,7 @@ def test_prompt_answers_once_and_exits(monkeypatch, capsys, calls, model_dir):
     assert main_chat(args) == 0
     assert [(a["text"], a["images"]) for a in calls["ask"]] == [("what colour?", [RED])]
     assert calls["generate"][0]["turns"] == [
-        [Turn("system", "Be brief."), Turn("user", "<image>\nwhat colour?")]
+        [Turn("system", "Be brief."), Turn("user", "<image>\nwhat colour?", 1)]
     ]
     assert stdin.read() == "this is never read\n"  # the prompt mode does not read stdin
     captured = capsys.readouterr()
@@ -188,3 +189,17 @@ def test_reset_also_drops_images_waiting_for_the_next_message(monkeypatch, calls
     typed = f"/image {model_dir.parent / 'red.png'}\n/reset\nhello\n"
     assert _chat(monkeypatch, model_dir, typed) == 0
     assert [a["images"] for a in calls["ask"]] == [[]]
+
+
+def test_a_typed_placeholder_does_not_capture_a_later_image(monkeypatch, calls, model_dir):
+    """Issue 18: "what does <image> mean?" followed by /image puts the image in the later turn."""
+    typed = f"what does <image> mean?\n/image {model_dir.parent / 'red.png'}\nand this?\n"
+    assert _chat(monkeypatch, model_dir, typed) == 0
+    last = calls["generate"][-1]["turns"][0]
+    generator = load_generator(str(model_dir), batch_size=1)
+    vlm = generator.vlm
+    rendered = render(last, vlm.tokenizer, image_tokens=vlm.image_tokens, num_images=1, generation=True)
+    ids = rendered.input_ids
+    first_user_end = ids.index(vlm.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert vlm.image_token_id not in ids[:first_user_end]  # the typed text stays text
+    assert ids.count(vlm.image_token_id) == vlm.image_tokens  # the image sits in the later turn

@@ -252,3 +252,23 @@ def test_chatml_named_template_drops_default_system_prompt(tok):
     assert out.input_ids == _reference_ids(tokenizer, turns)
     set_chat_template(tokenizer, None)  # None keeps the current template
     assert tokenizer.chat_template == CHATML
+
+
+def test_turns_that_say_how_many_images_they_hold_take_exactly_those(tok):
+    turns = [
+        Turn("user", "what does <image> mean?", 0),
+        Turn("assistant", "A placeholder."),
+        Turn("user", "<image>\nand this?", 1),
+        Turn("assistant", "A picture."),
+    ]
+    image_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    out = render(turns, tok, image_tokens=3, num_images=1)
+    first_answer = out.labels.index(next(label for label in out.labels if label != IGNORE))
+    assert image_id not in out.input_ids[:first_answer] and out.input_ids.count(image_id) == 3
+    # without the counts, the first placeholder of any user turn is the image's
+    legacy = render([Turn(t.role, t.content) for t in turns], tok, image_tokens=3, num_images=1)
+    assert image_id in legacy.input_ids[:first_answer]
+    with pytest.raises(RenderError, match="turn 2 holds 2 image"):
+        render(
+            [*turns[:2], Turn("user", "<image>\nand this?", 2), turns[3]], tok, image_tokens=3, num_images=2
+        )

@@ -23,10 +23,16 @@ ROLE_ALIASES = {
 
 @dataclass(frozen=True)
 class Turn:
-    """One message of a conversation."""
+    """One message of a conversation.
+
+    `images`: how many images this turn holds, as its first `<image>` placeholders (a chat session
+    knows); None for records read from files, where the record's images take the first placeholders
+    of the conversation's user turns.
+    """
 
     role: str
     content: str
+    images: int | None = None
 
 
 @dataclass

@@ -36,7 +36,8 @@ class Session:
         The turn and its images join the conversation only once the reply exists, so a failed
         generation leaves the session as it was."""
         content = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + text
-        turns, all_images = [*self.turns, Turn("user", content)], [*self.images, *images]
+        # The turn says how many images it holds: an `<image>` typed in any message stays text.
+        turns, all_images = [*self.turns, Turn("user", content, len(images))], [*self.images, *images]
         streamer = TextStreamer(self.generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = self.generator.generate(
             [turns], [all_images], streamer=streamer if stream else None, **sampling

@@ -12,6 +12,7 @@ to stop. Any disagreement between the template and these assumptions is a hard e
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -96,7 +97,7 @@ def _faithful_segments(
     they never produce; trimming is replayed here, any other change is an error.
     """
     real = _template(tokenizer, [{"role": t.role, "content": t.content} for t in turns], generation)
-    for attempt in (turns, [Turn(t.role, t.content.strip()) for t in turns]):
+    for attempt in (turns, [dataclasses.replace(t, content=t.content.strip()) for t in turns]):
         pieces = _segments(tokenizer, attempt, generation, where)
         if "".join(p[0] for p in pieces) == real:
             return pieces
@@ -123,7 +124,8 @@ def render(
         turns: the conversation; for generation it must end with a user turn.
         image_tokens: image-token positions per image (what the projector outputs).
         num_images: images attached; the first `num_images` `<image>` placeholders in user turns
-            become image tokens, any others stay plain text.
+            become image tokens, any others stay plain text. Where turns say how many images they
+            hold (`Turn.images`), exactly that many leading placeholders of each turn do.
         generation: append the assistant header so the model continues with its answer.
         where: the record's name, for error messages.
     """
@@ -133,12 +135,19 @@ def render(
     ids: list[int] = []
     labels: list[int] = []
     images_left = num_images
+    per_turn = any(t.images is not None for t in turns)
     for text, turn, labelled in segments:
         if turn is None:
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             allow = images_left if turns[turn].role == "user" else 0
+            if per_turn:
+                allow = min(allow, turns[turn].images or 0)
             piece, used = _content_ids(tokenizer, text, allow, image_id, image_tokens)
+            if per_turn and used != (turns[turn].images or 0):
+                raise RenderError(
+                    f"{where}: turn {turn} holds {turns[turn].images} image(s) but {used} placeholder(s)"
+                )
             images_left -= used
         ids += piece
         labels += piece if labelled else [IGNORE] * len(piece)
