@@ -53,3 +53,24 @@ def test_eval_routes_have_help(target, capsys):
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_unexpected_failures_are_one_line_unless_debug(monkeypatch, capsys):
+    import vistune.train.run as run
+
+    def broken(argv):
+        raise RuntimeError("the disk caught fire")
+
+    monkeypatch.setattr(run, "main_train", broken)
+    assert cli.main(["train", "x.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "vistune train: failed: RuntimeError: the disk caught fire (--debug shows where)"
+    with pytest.raises(RuntimeError, match="caught fire"):
+        cli.main(["train", "x.yaml", "--debug"])
+
+
+def test_bad_values_exit_2_naming_the_field(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stages: [{name: s, lr: -1}]\n")
+    assert cli.main(["train", str(cfg)]) == 2
+    assert "lr must be above 0, got -1" in capsys.readouterr().err

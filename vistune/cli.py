@@ -6,6 +6,7 @@ Functions are imported only when their command runs, so `vistune --help` stays i
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,7 +40,10 @@ EVAL_ROUTES = {
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items())
-    return f"usage: vistune <command> [args]\n\ncommands:\n{rows}\n\n`vistune <command> --help` for details."
+    return (
+        f"usage: vistune <command> [args] [--debug]\n\ncommands:\n{rows}\n\n"
+        "`vistune <command> --help` for details; --debug shows tracebacks."
+    )
 
 
 def _resolve(argv: list[str]) -> tuple[str, list[str]] | None:
@@ -60,9 +64,19 @@ def _pop_option(args: list[str], option: str, value: str) -> bool:
     return False
 
 
+# Bad input: a file, record, field or flag the message names. Exit 2, one line.
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `vistune` console script."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of the `vistune` console script.
+
+    Errors print one line and no traceback (exit 2 for bad input, 1 for anything else); `--debug`
+    anywhere on the command line (or VISTUNE_DEBUG=1) lets the traceback through instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VISTUNE_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     found = _resolve(argv)
     if found is None:
         print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
@@ -74,9 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     module, function = target.split(":")
     try:
         return int(getattr(importlib.import_module(module), function)(rest) or 0)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
-        print(f"vistune {name}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"vistune {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, USER_ERRORS):
+            print(f"vistune {name}: error: {err}", file=sys.stderr)
+            return 2
+        print(f"vistune {name}: failed: {type(err).__name__}: {err} (--debug shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
