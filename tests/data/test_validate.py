@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 
+import broken_images
 import numpy as np
 import pytest
 from PIL import Image
 
+from vistune.data import validate as validate_module
+from vistune.data.images import ImageError, load_image
 from vistune.data.readers import DataError
 from vistune.data.records import Record, Turn
-from vistune.data.validate import PROBLEM_KINDS, check_record, ensure_valid, main_validate, validate
+from vistune.data.validate import (
+    PROBLEM_KINDS,
+    check_record,
+    ensure_valid,
+    escapes_root,
+    main_validate,
+    validate,
+)
 from vistune.shapes import synth
 
 
@@ -138,3 +148,78 @@ def test_ensure_valid_raises_or_skips(broken):
     assert err.value.kind == "missing image" and err.value.record == "no-file"
     with pytest.raises(ValueError, match="on_bad must be one of"):
         ensure_valid(good, root, on_bad="ignore")
+
+
+# --- images decoded as training loads them; symlinks out of the root (issue 18) ---------------------------
+
+
+def _records_file(tmp_path, images: dict[str, str]):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([_rec(rid, image) for rid, image in images.items()]), encoding="utf-8")
+    return path
+
+
+def test_images_that_training_cannot_decode_fail_validation(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (32, 32)).save(root / "ok.png")
+    broken_images.cut_stream_png(root / "cut-stream.png")
+    broken_images.short_png(root / "short.png")
+    bad_jpegs = [p for p in broken_images.progressive_jpeg_cuts(root) if not _loads(p)]
+    assert bad_jpegs
+    images = {"good": "ok.png", "cut": "cut-stream.png", "short": "short.png", "jpeg": bad_jpegs[0].name}
+    report = validate(_records_file(tmp_path, images), root)
+    kinds = {p.record: p.kind for p in report.problems}
+    assert kinds == {"cut": "truncated image", "short": "truncated image", "jpeg": "truncated image"}
+
+
+def _loads(path) -> bool:
+    try:
+        load_image(path)
+    except ImageError:
+        return False
+    return True
+
+
+def test_a_symlink_out_of_the_root_escapes_it(tmp_path):
+    root, outside = tmp_path / "images", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "secret.png")
+    Image.new("RGB", (8, 8)).save(root / "ok.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "dir").symlink_to(outside)
+    (root / "inner.png").symlink_to(root / "ok.png")  # a link that stays inside is fine
+    (root / "loop.png").symlink_to(root / "loop.png")
+    images = {"good": "ok.png", "inner": "inner.png", "file": "link.png", "dir": "dir/secret.png"}
+    report = validate(_records_file(tmp_path, images | {"loop": "loop.png"}), root)
+    found = {p.record: p for p in report.problems}
+    assert set(found) == {"file", "dir", "loop"}
+    for rid in ("file", "dir"):
+        assert found[rid].kind == "path escapes root"
+        assert "resolves to" in found[rid].detail and str(outside) in found[rid].detail
+    assert found["loop"].kind == "unreadable image" and "symbolic links" in found["loop"].detail
+    assert escapes_root("link.png", root) and escapes_root("dir/secret.png", root)
+    assert not escapes_root("inner.png", root) and not escapes_root("link.png")  # text only: fine
+    assert escapes_root("../x.png") and escapes_root("/etc/passwd", root)  # the text check stays
+
+
+def test_a_symlinked_root_is_not_an_escape(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.new("RGB", (8, 8)).save(real / "ok.png")
+    (tmp_path / "root").symlink_to(real)
+    assert validate(_records_file(tmp_path, {"good": "ok.png"}), tmp_path / "root").ok
+
+
+def test_each_image_is_decoded_once_however_many_records_share_it(broken, monkeypatch):
+    path, root, _ = broken
+    calls = []
+    real = validate_module.check_image
+    monkeypatch.setattr(validate_module, "check_image", lambda p, m: calls.append(p) or real(p, m))
+    records = [
+        Record(f"r{i}", ["ok.png"], [Turn("user", "<image>"), Turn("assistant", "x")]) for i in range(5)
+    ]
+    cache: dict = {}
+    assert all(ensure_valid(r, root, cache=cache) for r in records)
+    assert calls == [root / "ok.png"]

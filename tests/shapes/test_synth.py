@@ -1,7 +1,9 @@
-"""Tests for the shapes world: determinism, non-overlap, held-out combos, rendering, files written."""
+"""Tests for the shapes world: determinism, non-overlap, held-out combos, rendering, files written, where
+synth may write (atomically) and the arguments it refuses."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -9,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vistune import cli
 from vistune.shapes import questions as Q
 from vistune.shapes import synth
+from vistune.shapes.quickstart import make_data
 
 SIZES = {"train": 40, "val": 8, "test": 8, "compositional": 16}
 
@@ -138,3 +142,124 @@ def test_load_scenes_names_the_bad_line(tmp_path):
     path.write_text('{"objects": [], "image": "a.png", "width": 8, "height": 8}\n\n{"objects": []}\n')
     with pytest.raises(ValueError, match=r"scenes.jsonl line 3: not a scene graph"):
         synth.load_scenes(path)
+
+
+# --- where synth writes, and what it accepts (issue 18) ---------------------------------------------------
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_out_on_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("keep me")
+    for out in (tmp_path / "file.txt", tmp_path / "file.txt" / "sub"):
+        assert synth.main_synth(["--out", str(out), "--train", "2", "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vistune data synth: error: ") and str(tmp_path / "file.txt") in err
+        assert "Traceback" not in err
+    assert (tmp_path / "file.txt").read_text() == "keep me" and _names(tmp_path) == ["file.txt"]
+    assert cli.main(["data", "synth", "--out", str(tmp_path / "file.txt"), "--train", "1"]) == 2
+
+
+def test_a_second_run_replaces_the_first_without_stale_images(tmp_path):
+    out = tmp_path / "shapes"
+    synth.synthesize(out, {"train": 6, "val": 2}, workers=1, imagefolder=True)
+    synth.synthesize(out, {"train": 3}, workers=1, imagefolder=True)
+    assert len(list((out / "images" / "train").iterdir())) == 3
+    assert list((out / "images" / "val").iterdir()) == []
+    assert len(list((out / "imagefolder" / "train").rglob("*.png"))) == 3
+    assert not (out / "imagefolder" / "val").exists()
+    assert json.loads((out / "manifest.json").read_text())["sizes"]["train"] == 3
+    assert _names(tmp_path) == ["shapes"]  # no staging or old folder left beside it
+
+
+def test_a_non_empty_dir_that_is_not_synth_output_is_refused_untouched(tmp_path):
+    out = tmp_path / "mine"
+    (out / "images" / "train").mkdir(parents=True)
+    (out / "images" / "train" / "stale.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"mine: the directory is not empty and is not a shapes-world"):
+        synth.synthesize(out, {"train": 2}, workers=1)
+    synth.synthesize(tmp_path / "prev", {"train": 2}, workers=1)
+    (tmp_path / "prev" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"also holds notes.txt"):
+        synth.synthesize(tmp_path / "prev", {"train": 2}, workers=1)
+    assert _names(out / "images" / "train") == ["stale.png"] and (tmp_path / "prev" / "notes.txt").is_file()
+    assert _names(tmp_path) == ["mine", "prev"]
+    (out / "images" / "train" / "stale.png").unlink()  # an empty dir tree is still not empty: refused
+    with pytest.raises(ValueError, match="not empty"):
+        synth.synthesize(out, {"train": 2}, workers=1)
+    (tmp_path / "empty").mkdir()
+    synth.synthesize(tmp_path / "empty", {"train": 2}, workers=1)
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+
+
+def test_a_failed_run_leaves_nothing_half_written(tmp_path, monkeypatch):
+    synth.synthesize(tmp_path / "prev", {"train": 2}, workers=1)
+    before = _tree(tmp_path / "prev")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(synth, "_manifest", fail)
+    for out in (tmp_path / "new", tmp_path / "prev"):
+        with pytest.raises(RuntimeError, match="disk full"):
+            synth.synthesize(out, {"train": 3}, workers=1)
+    assert not (tmp_path / "new").exists() and _tree(tmp_path / "prev") == before
+    assert _names(tmp_path) == ["prev"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train", "-5"], "argument --train: expected a whole number >= 0, got -5"),
+        (["--val", "x"], "argument --val: expected a whole number >= 0, got 'x'"),
+        (["--train", "0", "--val", "0", "--test", "0", "--compositional", "0"], "nothing to write"),
+        (["--image-size", "0"], "--image-size must be at least 16"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
+def test_bad_counts_are_refused_by_the_cli(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        synth.main_synth(["--out", str(tmp_path / "d"), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sizes": {"train": -5}}, "number of train images must be a whole number >= 0, got -5"),
+        ({"sizes": {"train": 2.5}}, "got 2.5"),
+        ({"sizes": {"train": True}}, "got True"),
+        ({"sizes": {"train": 0}}, "nothing to write"),
+        ({"sizes": {"train": 1}, "image_size": 8}, "image side in pixels must be a whole number >= 16"),
+        ({"sizes": {"train": 1}, "workers": 0}, "workers must be a whole number >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_by_synthesize(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        synth.synthesize(tmp_path / "d", **kwargs)
+    assert not (tmp_path / "d").exists()
+
+
+def test_quickstart_make_data_still_generates_then_reuses(tmp_path, capsys):
+    data = tmp_path / "qs" / "data"
+    make_data(data, {"train": 2, "val": 0, "test": 1, "compositional": 1}, seed=0)
+    manifest = (data / "manifest.json").read_bytes()
+    make_data(data, {"train": 2, "val": 0, "test": 1, "compositional": 1}, seed=0)
+    assert "data: reusing" in capsys.readouterr().out and (data / "manifest.json").read_bytes() == manifest
+    assert _names(tmp_path / "qs") == ["data"]
+
+
+def test_a_dir_that_cannot_be_replaced_is_a_clear_error_and_keeps_the_previous_output(tmp_path, monkeypatch):
+    synth.synthesize(tmp_path / "prev", {"train": 2}, workers=1)
+    before = _tree(tmp_path / "prev")
+
+    def busy(src, dst):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(synth.os, "replace", busy)
+    with pytest.raises(ValueError, match=r"prev: cannot move the finished dataset into place \(Device or"):
+        synth.synthesize(tmp_path / "prev", {"train": 3}, workers=1)
+    assert _tree(tmp_path / "prev") == before and _names(tmp_path) == ["prev"]

@@ -1,15 +1,20 @@
-"""Conversation data: truncation never cuts image tokens or keeps answerless records; collate pads right."""
+"""Conversation data: truncation never cuts image tokens or keeps answerless records; collate pads right;
+records whose images training cannot decode are caught before training (skipped and counted, or an error)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import broken_images
 import pytest
 import torch
 from helpers import shape_image
 
 from vistune.config import DataSpec
+from vistune.data import validate as validate_module
+from vistune.data.images import load_image
+from vistune.data.readers import DataError
 from vistune.data.records import Turn
 from vistune.model.llm import load_tokenizer
 from vistune.model.template import CHATML, IGNORE, render
@@ -134,3 +139,28 @@ def test_collate_right_pads_with_pad_id_ignore_and_zero_mask():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
     assert all(batch[k].dtype == torch.long for k in ("input_ids", "labels", "attention_mask"))
     assert batch["images"] == [Path("a.png"), Path("b.png"), Path("c.png")]  # in sample order
+
+
+def test_skip_drops_records_whose_images_training_cannot_decode(tmp_path, tokenizer, monkeypatch):
+    """Issue 18: such a record used to be kept, and the run then failed when its batch loaded the image."""
+    shape_image("red", "circle").save(tmp_path / "red.png")
+    broken_images.cut_stream_png(tmp_path / "cut.png")
+    broken_images.short_png(tmp_path / "short.png")
+    images = {"a": "red.png", "b": "red.png", "cut": "cut.png", "short": "short.png"}
+    raw = [
+        {"id": rid, "image": image, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                      {"from": "gpt", "value": "Red."}]}
+        for rid, image in images.items()
+    ]  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps(raw), encoding="utf-8")
+    spec = DataSpec(path=str(tmp_path / "data.json"))
+    decoded = []
+    real = validate_module.check_image
+    monkeypatch.setattr(validate_module, "check_image", lambda p, m: decoded.append(p.name) or real(p, m))
+    data = ConversationData([spec], tokenizer, IMAGE_TOKENS, 200, on_bad_record="skip")
+    assert data.counts == {"kept": 2, "skipped_bad": 2}
+    assert sorted(decoded) == ["cut.png", "red.png", "short.png"]  # each file decoded once
+    for sample in data:  # what the vlm stage does when it builds the batch
+        assert [load_image(p).size for p in sample.images] == [(32, 32)]
+    with pytest.raises(DataError, match=r"data.json record 'cut': truncated image"):
+        ConversationData([spec], tokenizer, IMAGE_TOKENS, 200)

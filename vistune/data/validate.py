@@ -3,13 +3,17 @@
 `validate(path, image_root)` reads a file with `load_records`, checks each record with
 `check_record`, and returns a `Report` (problems grouped by kind with record ids). `ensure_valid` is
 the per-record gate training calls: raise a DataError naming the file and record, or skip and count.
-Images are probed, not decoded, where the format allows (see `images.check_image`), and each image
-file is checked once per run however many records share it.
+Every image is decoded in full as training loads it (`images.check_image`: `load_image` plus a check
+that a PNG's pixel data is complete), so what passes validation trains. Each image file is decoded once
+per run however many records share it (a `cache` dict). An image path must stay inside the image root
+both as written (no absolute path, no '..') and once resolved (no symlink leading out); one that does
+not is never opened.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -67,33 +71,65 @@ def _role_problems(record: Record) -> list[str]:
     return out
 
 
-def escapes_root(image: str) -> bool:
-    """True for absolute paths or paths with '..' parts (POSIX or Windows spelling)."""
+def escapes_root(image: str, image_root: str | Path | None = None) -> bool:
+    """True for absolute paths or paths with '..' parts (POSIX or Windows spelling); with `image_root`,
+    also for a path that resolves (through symlinks) to a place outside the resolved root."""
     posix, win = PurePosixPath(image), PureWindowsPath(image)
-    return (
+    if (
         posix.is_absolute()
         or win.is_absolute()
         or bool(win.drive)
         or ".." in posix.parts
         or ".." in win.parts
-    )
+    ):
+        return True
+    return image_root is not None and _resolved_outside(image, Path(image_root), {}) is not None
+
+
+def _resolved_outside(image: str, image_root: Path, cache: dict) -> str | None:
+    """None when root/image resolves inside the resolved root; else a detail saying where it leads.
+
+    A symlink loop resolves to itself here; opening it then fails as an unreadable image.
+    """
+    key = ("resolved root", image_root)
+    if key not in cache:
+        cache[key] = os.path.realpath(image_root)
+    root = cache[key]
+    target = os.path.realpath(os.path.join(image_root, image))
+    if target == root or target.startswith(os.path.join(root, "")):
+        return None
+    return f"{image!r} resolves to {target!r}, outside the image root {root!r}"
+
+
+def _probe(path: Path, max_pixels: int) -> tuple[str, str] | None:
+    try:
+        check_image(path, max_pixels)
+    except ImageError as e:
+        return e.kind, str(e)
+    return None
+
+
+def _location_problem(image: str, image_root: Path, cache: dict) -> str | None:
+    """Why an image path may not be opened (escapes the root as written or resolved), or None."""
+    key = ("location", image_root, image)
+    if key not in cache:
+        if escapes_root(image):
+            cache[key] = f"{image!r} is not inside the image root"
+        else:
+            cache[key] = _resolved_outside(image, image_root, cache)
+    return cache[key]
 
 
 def _image_problems(record: Record, image_root: Path, max_pixels: int, cache: dict) -> list[Problem]:
     problems = []
     for image in record.images:
-        if escapes_root(image):
-            problems.append(
-                Problem("path escapes root", record.id, f"{image!r} is not inside the image root")
-            )
+        where = _location_problem(image, image_root, cache)
+        if where is not None:
+            problems.append(Problem("path escapes root", record.id, where))
             continue
         path = image_root / image
         if path not in cache:
-            try:
-                check_image(path, max_pixels)
-                cache[path] = None
-            except ImageError as e:
-                cache[path] = (e.kind, str(e))
+            cache[path] = _probe(path, max_pixels)
         if cache[path] is not None:
             problems.append(Problem(cache[path][0], record.id, cache[path][1]))
     return problems
@@ -112,8 +148,8 @@ def check_record(
         record: the record to check.
         image_root: the folder its image paths are relative to.
         max_pixels: images with more pixels are 'too-large image'.
-        check_images: also open each image file (header, size, truncation).
-        cache: optional {path: result} shared across calls so each image is probed once.
+        check_images: also decode each image file in full (as training loads it).
+        cache: optional dict shared across calls so each image is decoded (and resolved) once.
     """
     rid = record.id
     problems = [Problem("bad role", rid, d) for d in _role_problems(record)]
@@ -145,14 +181,17 @@ def ensure_valid(
     on_bad: str = "raise",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     check_images: bool = True,
+    cache: dict | None = None,
 ) -> bool:
     """Gate one record for training: True if valid; else raise DataError (on_bad='raise') or return False.
 
     With on_bad='skip' the caller counts the False results and reports them; nothing is dropped silently.
+    Images are decoded as training loads them, so a record whose image training could not load is
+    caught here, before training starts. Pass one `cache` dict for all records of a run.
     """
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
-    problems = check_record(record, image_root, max_pixels, check_images)
+    problems = check_record(record, image_root, max_pixels, check_images, cache)
     if not problems:
         return True
     if on_bad == "skip":

@@ -12,6 +12,10 @@ Layout written by `synthesize(out, ...)`:
     <split>/pairs.jsonl            {"image", "caption"} lines for contrastive training
     manifest.json                  seed, sizes, vocabulary, held-out combos, labels, counts
     imagefolder/<split>/<label>/   optional ImageFolder view (hard links)
+
+The dataset is written into a hidden temporary folder beside `out` and renamed into place when complete,
+so a half-written dataset never sits at `out`. `out` may be missing, empty, or a previous output of this
+module (it is replaced as a whole); anything else is refused, so stale files never mix with new ones.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import operator
 import os
+import secrets
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +57,9 @@ MARGIN_PX = 2.0  # minimum gap between two objects' circumcircles, in pixels
 MAX_ROTATION = 20.0  # degrees; small, so a square never turns into a diamond
 VQA_PER_IMAGE = 3
 CHUNK = 250  # images per worker job
+MIN_IMAGE_SIZE = 16  # six objects no longer fit reliably below this side (pixels)
+# What a previous output holds at its top level; `synthesize` replaces a dir holding nothing else.
+OWNED = frozenset({"manifest.json", "scenes", "images", "imagefolder", *SPLITS})
 
 
 def rng_for(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
@@ -245,6 +255,102 @@ def _write_split(out: Path, split: str, scenes: list[dict], texts: list[dict]) -
     return counts
 
 
+def _check_arguments(sizes: dict[str, int], image_size: int = 64, workers: int = 1) -> dict[str, int]:
+    """Every split's image count (missing splits: 0), once the arguments of `synthesize` are checked.
+
+    Raises ValueError naming the split or argument: unknown splits, counts that are not whole numbers
+    >= 0, no image at all, an image side under MIN_IMAGE_SIZE, fewer than one worker.
+    """
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; valid splits are {SPLITS}")
+    sizes = {split: _whole(n, f"the number of {split} images", 0) for split, n in sizes.items()}
+    if not any(sizes.values()):
+        raise ValueError(f"nothing to write: every split has 0 images ({sizes})")
+    _whole(image_size, "the image side in pixels", MIN_IMAGE_SIZE)
+    _whole(workers, "workers", 1)
+    return {s: 0 for s in SPLITS} | dict(sizes)
+
+
+def _whole(value: object, what: str, least: int) -> int:
+    """`value` as an int if it is a whole number >= least (bools and floats refused), else ValueError."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < least:
+        raise ValueError(f"{what} must be a whole number >= {least}, got {value!r}")
+    return number
+
+
+def _check_out(out: Path) -> bool:
+    """Whether `out` holds a previous output (to replace); raise ValueError if it may not be written.
+
+    Writable: a missing path, an empty directory, or a directory holding a shapes-world manifest and
+    nothing but what `synthesize` writes (OWNED).
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; give --out a new or empty directory")
+    try:
+        if not out.exists() or not any(out.iterdir()):
+            return False
+    except OSError as e:
+        raise ValueError(f"{out}: cannot read the directory ({e.strerror or e})") from e
+    if not _is_manifest(out / "manifest.json"):
+        raise ValueError(
+            f"{out}: the directory is not empty and is not a shapes-world dataset (no manifest.json written "
+            "by `vistune data synth`); give --out a new or empty directory"
+        )
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWNED)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{out}: a previous shapes-world dataset, but it also holds {shown}, which synth did not "
+            "write and would delete when replacing it; move them away or give --out another directory"
+        )
+    return True
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"seed", "sizes", "counts", "held_out"} <= set(data)
+
+
+def _staging_dir(out: Path) -> Path:
+    """A new hidden folder beside `out` (same filesystem, so the final rename is atomic)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        raise ValueError(f"{out}: cannot create the output directory ({e.strerror or e})") from e
+    return tmp
+
+
+def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
+    """Rename the finished dataset to `out`; a previous output is moved aside first, then deleted."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        if replace:
+            os.rename(out, old)
+        try:
+            os.replace(tmp, out)  # over a missing path or an empty directory
+        except OSError:
+            if replace:
+                os.rename(old, out)  # put the previous output back
+            raise
+    except OSError as e:
+        raise ValueError(
+            f"{out}: cannot move the finished dataset into place ({e.strerror or e}); a mount point or "
+            "a directory another process holds cannot be replaced: give --out a folder inside it"
+        ) from e
+    if replace:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def synthesize(
     out: str | Path,
     sizes: dict[str, int] | None = None,
@@ -256,29 +362,42 @@ def synthesize(
     """Write the whole shapes-world dataset under `out`; return the manifest.
 
     Args:
-        out: output directory (created; existing files are overwritten).
+        out: output directory: missing, empty, or a previous output (replaced as a whole); the data is
+            written beside it first and renamed into place when complete.
         sizes: images per split, e.g. {"train": 8000, "val": 500, "test": 500, "compositional": 500}.
         seed: the seed every image's Generator derives from.
-        image_size: side of the square images in pixels.
+        image_size: side of the square images in pixels (at least MIN_IMAGE_SIZE).
         workers: processes rendering images (1 = in this process).
         imagefolder: also write imagefolder/<split>/<label>/<id>.png hard links.
+    Raises ValueError for bad arguments or an `out` that may not be written (see `_check_arguments`).
     """
-    sizes = {s: 0 for s in SPLITS} | dict(
-        sizes or {"train": 8000, "val": 500, "test": 500, "compositional": 500}
+    sizes = _check_arguments(
+        sizes if sizes is not None else {"train": 8000, "val": 500, "test": 500, "compositional": 500},
+        image_size,
+        workers,
     )
-    unknown = set(sizes) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; valid splits are {SPLITS}")
-    out = Path(out)
+    out = Path(out).resolve()
+    replace = _check_out(out)
+    tmp = _staging_dir(out)
+    try:
+        manifest = _write_all(tmp, sizes, seed, image_size, workers, imagefolder)
+        _move_into_place(tmp, out, replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
+    return manifest
+
+
+def _write_all(out: Path, sizes: dict, seed: int, image_size: int, workers: int, imagefolder: bool) -> dict:
+    """Generate and write every file of the dataset into `out` (an empty directory)."""
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
     (out / "scenes").mkdir(exist_ok=True)
     scenes, texts, stats = _generate(out, sizes, seed, image_size, workers)
     counts = {split: _write_split(out, split, scenes[split], texts[split]) for split in SPLITS}
     manifest = _manifest(seed, image_size, sizes, stats, counts)
-    _dump(out / "manifest.json", manifest)
     if imagefolder:
         write_imagefolder(out, scenes)
+    _dump(out / "manifest.json", manifest)  # last: a dir with a manifest is complete
     return manifest
 
 
@@ -332,20 +451,41 @@ def load_scenes(path: str | Path) -> list[dict]:
     return scenes
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def main_synth(argv: list[str] | None = None) -> int:
     """`vistune data synth`: write the shapes-world dataset."""
     p = argparse.ArgumentParser(prog="vistune data synth", description=main_synth.__doc__)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new, empty, or a previous synth output)")
     for split, default in (("train", 8000), ("val", 500), ("test", 500), ("compositional", 500)):
-        p.add_argument(f"--{split}", type=int, default=default, help=f"{split} images (default {default})")
+        p.add_argument(f"--{split}", type=_count, default=default, help=f"{split} images (default {default})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--workers", type=int, default=2, help="rendering processes")
+    p.add_argument("--image-size", type=int, default=64, help=f"image side in pixels (>= {MIN_IMAGE_SIZE})")
+    p.add_argument("--workers", type=int, default=2, help="rendering processes (>= 1)")
     p.add_argument("--imagefolder", action="store_true", help="also write imagefolder/<split>/<label>/")
     args = p.parse_args(argv)
     sizes = {s: getattr(args, s) for s in SPLITS}
+    if not any(sizes.values()):
+        p.error("nothing to write: --train, --val, --test and --compositional are all 0")
+    if args.image_size < MIN_IMAGE_SIZE:
+        p.error(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     start = time.perf_counter()
-    manifest = synthesize(args.out, sizes, args.seed, args.image_size, args.workers, args.imagefolder)
+    try:
+        manifest = synthesize(args.out, sizes, args.seed, args.image_size, args.workers, args.imagefolder)
+    except ValueError as e:
+        print(f"vistune data synth: error: {e}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     total = sum(sizes.values())
     print(f"wrote {total} images to {args.out} in {seconds:.1f} s ({total / seconds:.0f} images/s)")

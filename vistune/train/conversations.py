@@ -3,7 +3,10 @@
 Every record is checked and rendered up front, so problems surface before training starts: a bad
 record stops the run naming its file and id (or, with `on_bad_record: skip`, is counted and skipped),
 and an over-long record is cut after its last image token when that keeps some answer tokens, else
-dropped and counted. Truncation never cuts through image tokens.
+dropped and counted. Truncation never cuts through image tokens. Images are decoded in full by that
+check (as `load_image` decodes them when their batch is built; each file once, however many records
+share it), so a record whose image training could not load is caught here, and with `skip` it never
+reaches a batch, in this run or a resumed one.
 """
 
 from __future__ import annotations
@@ -46,15 +49,17 @@ class ConversationData(torch.utils.data.Dataset):
     ):
         self.samples: list[Sample] = []
         self.counts: Counter[str] = Counter()
+        self._checked: dict = {}  # validation's cache: each image file decoded once
         for spec in specs:
             for record in select_records(spec):
                 self._add(record, spec, tokenizer, image_tokens, max_length, on_bad_record)
+        del self._checked
         if not self.samples:
             raise ValueError(f"no usable records in {[s.path for s in specs]} ({dict(self.counts)})")
 
     def _add(self, record: Record, spec: DataSpec, tokenizer, image_tokens, max_length, on_bad) -> None:
         root = Path(spec.image_root or Path(spec.path).parent)
-        if not ensure_valid(record, root, on_bad=on_bad):
+        if not ensure_valid(record, root, on_bad=on_bad, cache=self._checked):
             self.counts["skipped_bad"] += 1
             return
         try:
