@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from vistune.config import PREPROCESS, VISION_KINDS, Stage, VisionConfig
 from vistune.data.images import load_image
 from vistune.data.readers import load_records
+from vistune.data.validate import ensure_valid
 from vistune.eval.metrics import classification_metrics, save_confusion_png
 from vistune.model.classifier import Classifier, save_classifier
 from vistune.model.contrastive import load_contrastive
@@ -41,16 +42,24 @@ SPLITS = ("train", "val", "test")
 
 
 class FolderData(torch.utils.data.Dataset):
-    """(pixels, class index) for every image of one ImageFolder split, classes fixed by the caller."""
+    """(pixels, class index) for every image of one ImageFolder split, classes fixed by the caller.
 
-    def __init__(self, root: Path, classes: list[str], preprocess: Any, limit: int | None = None) -> None:
+    Every image is checked as training loads it: a bad one stops (`on_bad` "raise", naming it) or is
+    skipped and counted in `skipped` ("skip")."""
+
+    def __init__(
+        self, root: Path, classes: list[str], preprocess: Any, limit: int | None = None, on_bad: str = "raise"
+    ) -> None:
         records = load_records(root)
         unknown = sorted(set(records.classes) - set(classes))
         if unknown:
             raise ValueError(
                 f"{root}: class folder(s) {unknown} are not among the training classes {classes}"
             )
-        self.records = _spread(records, limit) if limit and len(records) > limit else list(records)
+        chosen = _spread(records, limit) if limit and len(records) > limit else list(records)
+        cache: dict = {}
+        self.records = [r for r in chosen if ensure_valid(r, root, on_bad=on_bad, cache=cache)]
+        self.skipped = len(chosen) - len(self.records)
         self.root, self.classes, self.preprocess = root, classes, preprocess
 
     def __len__(self) -> int:
@@ -130,7 +139,7 @@ class ClassifierObjective(nn.Module):
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"images": len(self.data), "classes": self.data.classes}
+        return {"images": len(self.data), "skipped_bad": self.data.skipped, "classes": self.data.classes}
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         return {
@@ -163,7 +172,7 @@ def classify_stage(stage: Stage, model: VLM, ctx: StageContext) -> ClassifierObj
         )
     root = Path(stage.data[0].path)
     classes = load_records(root).classes
-    data = FolderData(root, classes, model.vision.preprocess, stage.data[0].limit)
+    data = FolderData(root, classes, model.vision.preprocess, stage.data[0].limit, stage.on_bad_record)
     return ClassifierObjective(Classifier(model.vision, len(classes)), data, ctx.device, holds=model)
 
 

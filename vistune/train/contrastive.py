@@ -16,7 +16,7 @@ eval mode, and a locked text tower's features are computed once per distinct cap
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,28 @@ from vistune.config import PREPROCESS, VISION_KINDS, Stage, VisionConfig
 from vistune.data.images import load_image
 from vistune.data.readers import caption_of, load_records, select_records
 from vistune.data.records import Record
+from vistune.data.validate import ensure_valid
 from vistune.model.contrastive import LOSSES, ContrastiveModel, save_contrastive
 from vistune.model.text_tower import build_text_tower
 from vistune.model.vision import build_vision_tower
 from vistune.model.vlm import VLM
 from vistune.train.loop import open_run, run_stages
 from vistune.train.objective import StageContext
+
+
+def checked_pairs(
+    records: Iterable[tuple[Record, Path]], on_bad: str = "raise"
+) -> tuple[list[tuple[Path, str]], int]:
+    """(image path, caption) of each (record, image root) that passes validation (images decoded as
+    training loads them), and how many were skipped (`on_bad` "skip"; "raise" stops at the first)."""
+    cache: dict = {}
+    pairs, skipped = [], 0
+    for record, root in records:
+        if ensure_valid(record, root, on_bad=on_bad, cache=cache):
+            pairs.append(pair_of(record, root))
+        else:
+            skipped += 1
+    return pairs, skipped
 
 
 def pair_of(record: Record, image_root: Path) -> tuple[Path, str]:
@@ -59,11 +75,12 @@ class ContrastiveObjective(nn.Module):
         device: torch.device,
         holds: nn.Module | None = None,
         save_to: Path | None = None,
+        skipped: int = 0,
     ) -> None:
         super().__init__()
         _check_stage(stage, len(pairs))
         self.model, self.pairs, self.device, self.chunk = model, list(pairs), device, stage.chunk_size
-        self.holds, self.save_to, self.stage = holds, save_to, stage
+        self.holds, self.save_to, self.stage, self.skipped = holds, save_to, stage, skipped
         model.to(device)
         model.vision.train("vision" in stage.train)  # a locked tower runs in eval mode
         model.text.train("llm" in stage.train)
@@ -77,7 +94,8 @@ class ContrastiveObjective(nn.Module):
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"pairs": len(self.pairs), "loss_function": self.model.loss_name, "chunk_size": self.chunk}
+        return {"pairs": len(self.pairs), "skipped_bad": self.skipped, "loss_function": self.model.loss_name,
+                "chunk_size": self.chunk}  # fmt: skip
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         m = self.model
@@ -127,15 +145,18 @@ def _check_stage(stage: Stage, n_pairs: int) -> None:
 def contrastive_stage(stage: Stage, model: VLM, ctx: StageContext) -> ContrastiveObjective:
     """A run's contrastive stage: the VLM's own tower against a text tower; the tower is shared, so what
     it learns carries into the next stages. The image-text model is written to OUT/stages/NAME."""
-    pairs = [
-        pair_of(r, Path(spec.image_root or Path(spec.path).parent))
-        for spec in stage.data
-        for r in select_records(spec)
-    ]
+    pairs, skipped = checked_pairs(
+        (
+            (r, Path(spec.image_root or Path(spec.path).parent))
+            for spec in stage.data
+            for r in select_records(spec)
+        ),
+        stage.on_bad_record,
+    )
     text = build_text_tower(stage.text_tower, llm=model.cfg.llm.name_or_path)
     clip = ContrastiveModel(model.vision, text, stage.embed_dim, stage.loss)
     out = ctx.run_dir / "stages" / stage.name if ctx.is_main else None
-    return ContrastiveObjective(clip, pairs, stage, ctx.device, holds=model, save_to=out)
+    return ContrastiveObjective(clip, pairs, stage, ctx.device, holds=model, save_to=out, skipped=skipped)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -194,7 +215,7 @@ def main_train_contrastive(argv: list[str] | None = None) -> int:
     """`vistune contrastive`: train a contrastive image-text model on a pairs file."""
     args = _parser().parse_args(argv)
     records = load_records(args.pairs, args.image_root)
-    pairs = [pair_of(r, records.image_root) for r in records[: args.limit or len(records)]]
+    pairs, _ = checked_pairs((r, records.image_root) for r in records[: args.limit or len(records)])
     train = ["projector"] + ([] if args.lock_vision else ["vision"]) + ([] if args.lock_text else ["llm"])
     stage = Stage(
         name="contrastive", kind="contrastive", train=train, lr=args.lr, lr_vision=args.lr_vision,
