@@ -161,3 +161,57 @@ def test_unknown_format_lists_valid_ones(tmp_path):
         loaders.load_eval_records("coco", tmp_path / "x.json")
     with pytest.raises(ValueError, match="only used with --format vqav2"):
         loaders.load_eval_records("gqa", tmp_path / "x.json", annotations=tmp_path / "a.json")
+
+
+def test_textvqa_answers_as_a_string_are_refused_not_split_into_letters(tmp_path):
+    entry = {"question_id": 1, "image_id": "x", "question": "what brand?", "answers": "nokia"}
+    path = _write(tmp_path / "t.json", {"data": [entry]})
+    with pytest.raises(ValueError, match=r"entry 1: field 'answers': expected a list"):
+        loaders.load_textvqa(path)
+    _write(path, {"data": [{**entry, "answers": ["nokia", None]}]})
+    with pytest.raises(ValueError, match=r"field 'answers\[1\]': expected a string, got null"):
+        loaders.load_textvqa(path)
+
+
+@pytest.mark.parametrize(
+    "annotation, message",
+    [
+        ({"question_id": 1, "answers": ["red"] * 10}, r"entry '1 answers\[0\]': expected a JSON object"),
+        (
+            {"question_id": 1, "answers": [{"answer": None}] * 10},
+            r"field 'answer': expected a string, got null",
+        ),
+        ({"question_id": 1, "answers": "red"}, r"field 'answers': expected a list"),
+    ],
+)
+def test_vqav2_mistyped_annotations_name_the_field(tmp_path, annotation, message):
+    q = _write(tmp_path / "q.json", {"questions": [{"question_id": 1, "image_id": 1, "question": "?"}]})
+    a = _write(tmp_path / "a.json", {"annotations": [annotation]})
+    with pytest.raises(ValueError, match=message):
+        loaders.load_vqav2(q, a)
+    _write(q, [1, 2])
+    with pytest.raises(ValueError, match="expected a JSON object at the top, got list"):
+        loaders.load_vqav2(q, a)
+
+
+def test_mistyped_entries_name_the_field(tmp_path):
+    gqa = _write(tmp_path / "g.json", {"7": {"imageId": "x", "question": "q?", "answer": ["yes"]}})
+    with pytest.raises(ValueError, match="entry '7': field 'answer': expected a string, got list"):
+        loaders.load_gqa(gqa)
+    pope = tmp_path / "coco_pope_random.json"
+    pope.write_text(json.dumps({"question_id": 3, "image": "a.jpg", "text": "Is there?", "label": None}))
+    with pytest.raises(ValueError, match="entry 3: field 'label': expected a string, got null"):
+        loaders.load_pope(pope)
+    pope.write_text("[1]\n")
+    with pytest.raises(ValueError, match="entry 'line 1': expected a JSON object"):
+        loaders.load_pope(pope)
+
+
+@pytest.mark.parametrize(
+    "fmt, name", [("llava", "d.json"), ("llava", "d.jsonl"), ("gqa", "g.json"), ("pope", "p.json")]
+)
+def test_json_nested_too_deeply_is_a_value_error(tmp_path, fmt, name):
+    path = tmp_path / name
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loaders.load_eval_records(fmt, path)

@@ -159,3 +159,39 @@ def test_text_match_modes():
     assert M.text_match("There are seven days.", ["7"])  # number words become digits
     with pytest.raises(ValueError):
         M.text_match("x", ["x"], mode="fuzzy")
+
+
+# --- Official VQAv2 scoring (vqaEval.py after a013f00) vs lenient: hand-computed values ----------------
+@pytest.mark.parametrize(
+    "prediction, answers, official, lenient",
+    [
+        # all ten agree: the official script compares the raw (whitespace-cleaned) prediction
+        ("Two", ["2"] * 10, 0.0, 1.0),
+        ("2", ["2"] * 10, 1.0, 1.0),
+        ("Yes", ["yes"] * 10, 0.0, 1.0),
+        (" yes\n", ["yes"] * 10, 1.0, 1.0),  # newlines, tabs and outer spaces are cleaned in any case
+        ("the dog", ["dog"] * 10, 0.0, 1.0),
+        # answers differ: both sides normalised. "two", "two", "2" -> three "2"; the left-out answer is
+        # a "2" three times (2 others match: 2/3) and a "3" seven times (3 match: 1) -> (3*2/3 + 7)/10
+        ("Two", ["two", "two", "2"] + ["3"] * 7, 0.9, 0.9),
+        # 2 "yes" among 10: leaving out a yes leaves 1 (1/3), leaving out a no leaves 2 (2/3) -> 0.6
+        ("Yes.", ["yes"] * 2 + ["no"] * 8, 0.6, 0.6),
+        ("maybe", ["yes"] * 2 + ["no"] * 8, 0.0, 0.0),
+        # the script removes at most 32 periods (re.UNICODE passed as sub's count): 8 remain
+        ("x" + "." * 40, ["x"] * 9 + ["y"], 0.0, 1.0),
+        ("x" + "." * 32, ["x"] * 9 + ["y"], 1.0, 1.0),
+    ],
+)
+def test_official_vs_lenient_vqa_accuracy(prediction, answers, official, lenient):
+    assert M.vqa_official_accuracy(prediction, answers) == pytest.approx(official)
+    assert M.vqa_score(prediction, answers, "official") == pytest.approx(official)
+    assert M.vqa_score(prediction, answers, "lenient") == pytest.approx(lenient)
+    assert M.vqa_score(prediction, answers) == pytest.approx(lenient)  # the default stays lenient
+    assert M.official_exact_match(prediction, answers) == (official > 0)  # a matching answer gives > 0
+
+
+def test_official_scoring_refuses_a_single_reference_and_unknown_modes():
+    with pytest.raises(ValueError, match="needs the human answers"):
+        M.vqa_score("circle", ["circle"], "official")
+    with pytest.raises(ValueError, match="not one of"):
+        M.vqa_score("circle", ["circle", "circle"], "strict")

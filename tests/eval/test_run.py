@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -10,6 +11,7 @@ from PIL import Image
 from vistune.data.records import Record, Turn
 from vistune.eval import run, text_bench
 from vistune.eval.report import read_predictions, suite_table
+from vistune.model.vlm import MODEL_FILE
 from vistune.shapes.suite import run_suite
 
 
@@ -44,6 +46,14 @@ def _rec(rid, question, image=None, **meta):
     return Record(
         id=rid, images=[image] if image else [], turns=[Turn("user", text)], meta=meta, source="t.json"
     )
+
+
+def _model_dir(tmp_path, name="m"):
+    """A folder that passes the CLI's model check (the loader itself is monkeypatched)."""
+    path = tmp_path / name
+    path.mkdir(exist_ok=True)
+    (path / MODEL_FILE).write_text("{}")
+    return path
 
 
 def _vqa_records(tmp_path):
@@ -275,12 +285,13 @@ def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
         "m": FakePredictor({"color": "red", "capital of France": "Paris"}),
         "smollm2": FakePredictor({"capital": "Paris", "2 + 2": "4"}),
     }
-    monkeypatch.setattr(run, "load_generator", lambda name, batch_size: models[name])
+    monkeypatch.setattr(run, "load_generator", lambda name, batch_size: models[Path(name).name])
+    model = _model_dir(tmp_path)
     data = _shapes_dir(tmp_path) / "test" / "vqa.json"
     assert (
         run.main_eval(
             [
-                "m",
+                str(model),
                 "--task",
                 "vqa",
                 "--data",
@@ -296,11 +307,14 @@ def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
         == 0
     )
     assert json.loads((tmp_path / "v" / "metrics.json").read_text())["accuracy"] == 1.0
-    assert run.main_eval(["m", "--task", "text", "--base", "smollm2", "--out", str(tmp_path / "t")]) == 0
+    assert (
+        run.main_eval([str(model), "--task", "text", "--base", "smollm2", "--out", str(tmp_path / "t")]) == 0
+    )
     m = json.loads((tmp_path / "t" / "metrics.json").read_text())
     n = len(text_bench.QUESTIONS)
     assert m["retention"]["model_accuracy"] == pytest.approx(1 / n)
     assert m["retention"]["base_accuracy"] > m["retention"]["model_accuracy"]
     assert "Retention vs. base LLM smollm2" in (tmp_path / "t" / "report.md").read_text()
-    assert run.main_eval(["m", "--task", "vqa", "--format", "coco", "--data", str(data)]) == 2
-    assert "valid formats: llava, vqav2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run.main_eval([str(model), "--task", "vqa", "--format", "coco", "--data", str(data)])
+    assert exit_info.value.code == 2 and "'llava', 'vqav2'" in capsys.readouterr().err

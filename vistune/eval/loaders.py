@@ -22,17 +22,51 @@ FORMATS = ("llava", "vqav2", "gqa", "pope", "textvqa")
 LOAD_ERROR = "load_error"
 
 
-def _read_json(path: str | Path):
+def _loads(text: str, where: str):
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON: {e}") from e
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from e
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
 
 
-def _field(entry: dict, key: str, path, entry_id):
+def _read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from e
+
+
+def _read_json(path: str | Path, kind: type = dict):
+    """The file's JSON, checked to be a `kind` (dict or list) at the top."""
+    data = _loads(_read_text(path), str(path))
+    if not isinstance(data, kind):
+        raise ValueError(f"{path}: expected a JSON {_KIND_NAMES[kind]} at the top, got {_json_type(data)}")
+    return data
+
+
+_KIND_NAMES = {dict: "object", list: "list", str: "string", int: "integer", (str, int): "string or integer"}
+
+
+def _json_type(value) -> str:
+    return json.dumps(value)[:60] if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _field(entry, key: str, path, entry_id, kind: type | tuple | None = None):
+    """entry[key], checked to be present (and of `kind`: str, int, list, dict or (str, int)); a ValueError
+    names the file, the entry and the field otherwise. Booleans are not integers here."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} entry {entry_id!r}: expected a JSON object, got {_json_type(entry)}")
     if key not in entry:
         raise ValueError(f"{path} entry {entry_id!r}: missing field {key!r}")
-    return entry[key]
+    value = entry[key]
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        expected = _KIND_NAMES[kind]
+        raise ValueError(
+            f"{path} entry {entry_id!r}: field {key!r}: expected a {expected}, got {_json_type(value)}"
+        )
+    return value
 
 
 def _question_record(rid, image: str, question: str, meta: dict, source) -> Record:
@@ -40,34 +74,40 @@ def _question_record(rid, image: str, question: str, meta: dict, source) -> Reco
     return Record(id=str(rid), images=[image], turns=[Turn("user", prompt)], meta=meta, source=str(source))
 
 
+def _vqav2_meta(a: dict, path, qid) -> dict:
+    """References of one VQAv2 annotation: the human answers (strings), main answer and types."""
+    answers = _field(a, "answers", path, qid, list)
+    return {
+        "answers": [_field(x, "answer", path, f"{qid} answers[{i}]", str) for i, x in enumerate(answers)],
+        "answer": a.get("multiple_choice_answer", ""),
+        "question_type": a.get("question_type", "unknown"),
+        "answer_type": a.get("answer_type", "unknown"),
+    }
+
+
 def load_vqav2(questions: str | Path, annotations: str | Path | None = None) -> list[Record]:
     """VQAv2 questions JSON (+ annotations JSON with the 10 human answers and question_type).
 
     Images are named as in COCO: `{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg`. Without
-    annotations the records carry no references (useful only for generating predictions).
+    annotations the records carry no references (they cannot be scored).
     """
     qdata = _read_json(questions)
     subtype = qdata.get("data_subtype", "val2014")
     anns = {}
     if annotations is not None:
-        for a in _field(_read_json(annotations), "annotations", annotations, "<root>"):
-            anns[_field(a, "question_id", annotations, "?")] = a
+        for i, a in enumerate(_field(_read_json(annotations), "annotations", annotations, "<root>", list)):
+            anns[_field(a, "question_id", annotations, f"#{i}", (str, int))] = a
     records = []
-    for q in _field(qdata, "questions", questions, "<root>"):
-        qid = _field(q, "question_id", questions, "?")
+    for i, q in enumerate(_field(qdata, "questions", questions, "<root>", list)):
+        qid = _field(q, "question_id", questions, f"#{i}", (str, int))
         meta: dict = {}
         if annotations is not None:
             if qid not in anns:
                 raise ValueError(f"{annotations}: no annotation for question_id {qid}")
-            a = anns[qid]
-            meta = {
-                "answers": [x["answer"] for x in _field(a, "answers", annotations, qid)],
-                "answer": a.get("multiple_choice_answer", ""),
-                "question_type": a.get("question_type", "unknown"),
-                "answer_type": a.get("answer_type", "unknown"),
-            }
-        image = f"{subtype}/COCO_{subtype}_{int(_field(q, 'image_id', questions, qid)):012d}.jpg"
-        records.append(_question_record(qid, image, _field(q, "question", questions, qid), meta, questions))
+            meta = _vqav2_meta(anns[qid], annotations, qid)
+        image = f"{subtype}/COCO_{subtype}_{_field(q, 'image_id', questions, qid, int):012d}.jpg"
+        question = _field(q, "question", questions, qid, str)
+        records.append(_question_record(qid, image, question, meta, questions))
     return records
 
 
@@ -77,14 +117,13 @@ def load_gqa(path: str | Path) -> list[Record]:
     Images are `{imageId}.jpg`; question_type is the structural type (query, verify, logical, choose,
     compare), 'unknown' when absent.
     """
-    data = _read_json(path)
     records = []
-    for qid, q in data.items():
-        answer = _field(q, "answer", path, qid)
+    for qid, q in _read_json(path).items():
+        answer = _field(q, "answer", path, qid, str)
         qtype = (q.get("types") or {}).get("structural", "unknown")
         meta = {"answers": [answer], "answer": answer, "question_type": qtype}
-        image = f"{_field(q, 'imageId', path, qid)}.jpg"
-        records.append(_question_record(qid, image, _field(q, "question", path, qid), meta, path))
+        image = f"{_field(q, 'imageId', path, qid, (str, int))}.jpg"
+        records.append(_question_record(qid, image, _field(q, "question", path, qid, str), meta, path))
     return records
 
 
@@ -98,34 +137,35 @@ def load_pope(path: str | Path, setting: str | None = None) -> list[Record]:
     if setting is None:
         setting = next((s for s in ("random", "popular", "adversarial") if s in path.name), None)
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not JSON: {e}") from e
-        qid = _field(q, "question_id", path, f"line {n}")
-        label = str(_field(q, "label", path, qid)).strip().lower()
+        q = _loads(line, f"{path} line {n}")
+        qid = _field(q, "question_id", path, f"line {n}", (str, int))
+        label = _field(q, "label", path, qid, str).strip().lower()
         if label not in ("yes", "no"):
             raise ValueError(f"{path} entry {qid!r}: field 'label' must be yes/no, got {label!r}")
         meta = {"answers": [label], "answer": label, "pope_setting": setting or q.get("category", "unknown")}
-        records.append(
-            _question_record(qid, _field(q, "image", path, qid), _field(q, "text", path, qid), meta, path)
-        )
+        image, text = _field(q, "image", path, qid, str), _field(q, "text", path, qid, str)
+        records.append(_question_record(qid, image, text, meta, path))
     return records
 
 
 def load_textvqa(path: str | Path) -> list[Record]:
     """TextVQA JSON: {"data": [{question_id, image_id, question, answers: [10 strings]}]}; images are
-    `{image_id}.jpg`."""
+    `{image_id}.jpg`. Entries without answers (the test split) have no references."""
     records = []
-    for q in _field(_read_json(path), "data", path, "<root>"):
-        qid = _field(q, "question_id", path, "?")
-        answers = list(q.get("answers") or [])
+    for i, q in enumerate(_field(_read_json(path), "data", path, "<root>", list)):
+        qid = _field(q, "question_id", path, f"#{i}", (str, int))
+        answers = _field(q, "answers", path, qid, list) if q.get("answers") is not None else []
+        for j, a in enumerate(answers):
+            if not isinstance(a, str):
+                raise ValueError(
+                    f"{path} entry {qid!r}: field 'answers[{j}]': expected a string, got {_json_type(a)}"
+                )
         meta = {"answers": answers, "answer": answers[0] if answers else "", "question_type": "text"}
-        image = f"{_field(q, 'image_id', path, qid)}.jpg"
-        records.append(_question_record(qid, image, _field(q, "question", path, qid), meta, path))
+        image = f"{_field(q, 'image_id', path, qid, (str, int))}.jpg"
+        records.append(_question_record(qid, image, _field(q, "question", path, qid, str), meta, path))
     return records
 
 
@@ -133,7 +173,10 @@ def load_llava(path: str | Path) -> list[Record]:
     """LLaVA JSON/JSONL (or an ImageFolder) through `vistune.data.readers.load_records`; extra fields land
     in meta. A malformed record does not stop the load: it becomes a stand-in Record whose
     meta[LOAD_ERROR] holds the error, so the runner reports it as a failed row."""
-    recordset = load_records(str(path))
+    try:
+        recordset = load_records(str(path))
+    except RecursionError:  # vistune.data.readers lets json's RecursionError through
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
     records = []
     for i in range(len(recordset)):
         try:

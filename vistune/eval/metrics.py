@@ -1,8 +1,16 @@
 """Scoring arithmetic: VQA normalisation and soft accuracy, exact match, POPE, classification.
 
 Pure functions over strings and lists; no model, no files (except the confusion-matrix PNG).
-The VQA rules follow the official VQAv2 evaluation (GT-Vision-Lab `vqaEval.py`): its punctuation
-handling, number-word map, article list and contractions table, and its leave-one-out soft accuracy.
+The VQA rules follow the official VQAv2 evaluation (GT-Vision-Lab/VQA
+`PythonEvaluationTools/vqaEvaluation/vqaEval.py`, last changed in a013f00 "Fixed processing answers bug",
+2021): its punctuation handling, number-word map, article list and contractions table, and its
+leave-one-out soft accuracy. Two ways to score (`VQA_SCORING`):
+
+- "official": exactly what that script computes. When the human answers are not all identical, the
+  prediction and every human answer are normalised; when they all agree, the raw prediction (only
+  whitespace-cleaned) is compared with the raw answers, so ten "2" against "Two" scores 0.0. The
+  period removal is capped at 32 per answer, as the script's `sub(..., re.UNICODE)` does.
+- "lenient": vistune's earlier rule: always normalise both sides, no cap (ten "2" against "Two": 1.0).
 """
 
 from __future__ import annotations
@@ -83,17 +91,22 @@ PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
 
 
-def process_punctuation(text: str) -> str:
+# vqaEval.py passes re.UNICODE (32) as `sub`'s count, so it removes at most 32 periods per answer.
+OFFICIAL_PERIOD_CAP = int(re.UNICODE)
+VQA_SCORING = ("official", "lenient")
+
+
+def process_punctuation(text: str, max_periods: int = 0) -> str:
     """The official `processPunctuation`: drop a mark next to a space (or anywhere if the text holds a
-    digit-comma-digit), else replace it by a space; then strip periods not followed by a digit."""
+    digit-comma-digit), else replace it by a space; then strip periods not followed by a digit (at most
+    `max_periods` of them; 0: all, the lenient rule; OFFICIAL_PERIOD_CAP: the official script)."""
     out = text
     for p in PUNCT:
         if (p + " " in text or " " + p in text) or COMMA_STRIP.search(text) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    # The official code passes re.UNICODE as sub's `count` (a bug capping it at 32 periods); we do not.
-    return PERIOD_STRIP.sub("", out)
+    return PERIOD_STRIP.sub("", out, count=max_periods)
 
 
 def process_digit_article(text: str) -> str:
@@ -104,28 +117,64 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
-def normalize_vqa_answer(text: str) -> str:
-    """Normalise an answer exactly as the VQAv2 evaluation does (whitespace, punctuation, digits,
-    articles, contractions)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+def _clean_whitespace(text: str) -> str:
+    """The official first step for predictions and human answers: newlines and tabs to spaces, strip."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def normalize_vqa_answer(text: str, max_periods: int = 0) -> str:
+    """Normalise an answer as the VQAv2 evaluation does when the human answers differ (whitespace,
+    punctuation, digits, articles, contractions); `max_periods` as in `process_punctuation`."""
+    return process_digit_article(process_punctuation(_clean_whitespace(text), max_periods))
+
+
+def _leave_one_out(prediction: str, refs: Sequence[str]) -> float:
+    """Mean over each reference left out in turn of min(#others equal to the prediction / 3, 1)."""
+    accs = []
+    for i in range(len(refs)):
+        matches = sum(1 for j, ref in enumerate(refs) if j != i and ref == prediction)
+        accs.append(min(1.0, matches / 3))
+    return sum(accs) / len(accs)
 
 
 def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy of one prediction against human answers: for each human answer left out in turn,
-    min(#matching among the others / 3, 1); the mean over those subsets (10 for VQAv2).
+    """Lenient VQAv2 accuracy: both sides always normalised; then for each human answer left out in
+    turn, min(#matching among the others / 3, 1), averaged over those subsets (10 for VQAv2).
 
     With a single reference this degenerates to 0, so callers use exact match then (see `vqa_score`).
     """
     if not answers:
         raise ValueError("vqa_soft_accuracy needs at least one reference answer")
-    pred = normalize_vqa_answer(prediction)
-    refs = [normalize_vqa_answer(a) for a in answers]
-    accs = []
-    for i in range(len(refs)):
-        matches = sum(1 for j, ref in enumerate(refs) if j != i and ref == pred)
-        accs.append(min(1.0, matches / 3))
-    return sum(accs) / len(accs)
+    return _leave_one_out(normalize_vqa_answer(prediction), [normalize_vqa_answer(a) for a in answers])
+
+
+def vqa_official_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The official VQAv2 accuracy of one prediction (`VQAEval.evaluate`, per question, unrounded).
+
+    Whitespace is cleaned on both sides; only when the human answers are not all identical are they and
+    the prediction normalised (punctuation with the 32-period cap, then digits/articles/contractions).
+    Then the leave-one-out mean of min(#matching others / 3, 1).
+    """
+    if not answers:
+        raise ValueError("vqa_official_accuracy needs at least one reference answer")
+    return _leave_one_out(*_official_sides(prediction, answers))
+
+
+def _official_sides(prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """The prediction and human answers as the official script compares them."""
+    refs = [_clean_whitespace(a) for a in answers]
+    pred = _clean_whitespace(prediction)
+    if len(set(refs)) > 1:
+        refs = [normalize_vqa_answer(a, OFFICIAL_PERIOD_CAP) for a in refs]
+        pred = normalize_vqa_answer(pred, OFFICIAL_PERIOD_CAP)
+    return pred, refs
+
+
+def official_exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    """True when the prediction equals a human answer as the official script compares them (raw when
+    all agree, normalised otherwise): `exact_match` for official scoring."""
+    pred, refs = _official_sides(prediction, answers)
+    return pred in refs
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> bool:
@@ -134,8 +183,21 @@ def exact_match(prediction: str, answers: Sequence[str]) -> bool:
     return any(pred == normalize_vqa_answer(a) for a in answers)
 
 
-def vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    """Soft accuracy when there are several human answers, else exact match (1.0 or 0.0)."""
+def vqa_score(prediction: str, answers: Sequence[str], scoring: str = "lenient") -> float:
+    """One prediction's VQA score.
+
+    lenient: soft accuracy when there are several human answers, else exact match (1.0 or 0.0).
+    official: `vqa_official_accuracy` (it needs several human answers; one gives 0 by its formula,
+    so a single reference is refused).
+    """
+    if scoring == "official":
+        if len(answers) < 2:
+            raise ValueError(
+                f"official VQAv2 scoring needs the human answers (10 per question), got {len(answers)}"
+            )
+        return vqa_official_accuracy(prediction, answers)
+    if scoring != "lenient":
+        raise ValueError(f"VQA scoring {scoring!r} is not one of {VQA_SCORING}")
     if len(answers) > 1:
         return vqa_soft_accuracy(prediction, answers)
     return float(exact_match(prediction, answers))

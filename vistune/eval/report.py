@@ -16,8 +16,14 @@ from matplotlib.figure import Figure
 
 from vistune.data.images import load_image
 from vistune.eval.metrics import save_confusion_png
+from vistune.eval.paths import image_path
 from vistune.eval.tasks import get_task
 
+VQA_SCORING_NOTES = {
+    "official": "as the official VQAv2 vqaEval.py: when the ten human answers agree, the prediction is "
+    "compared unnormalised",
+    "lenient": "prediction and human answers always normalised; not the official VQAv2 figure",
+}
 ROW_KEYS = ("id", "task", "prompt", "answer", "references", "images", "meta", "error", "correct", "score")
 MAX_LISTED_FAILURES = 50
 
@@ -31,24 +37,120 @@ def write_predictions(rows: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
+def _read_entries(path: str | Path) -> list[tuple[str, object]]:
+    """(where, parsed JSON) for each entry of a JSONL file or a JSON list; ValueError naming the file and
+    line for unreadable, non-JSON or too deeply nested text."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from e
+    if text.lstrip().startswith("["):  # a JSON list (e.g. an official VQAv2 results file)
+        data = _loads(text, f"{path}")
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list or JSON lines")
+        return [(f"{path} entry #{i}", item) for i, item in enumerate(data)]
+    return [
+        (f"{path} line {n}", _loads(line, f"{path} line {n}"))
+        for n, line in enumerate(text.splitlines(), 1)
+        if line.strip()
+    ]
+
+
+def _loads(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON: {e}") from e
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
+
+
+def _row_id(value, where: str) -> str:
+    """A row's id as text: a string or an integer (question ids); anything else is refused."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: field 'id': expected a string or an integer, got {json.dumps(value)}")
+
+
+def _check_row(row: dict, where: str) -> None:
+    """Types of a predictions row's fields; a string reference is one reference, not one per letter."""
+    if not isinstance(row["answer"], str):
+        raise ValueError(f"{where}: field 'answer': expected a string, got {json.dumps(row['answer'])}")
+    refs = row["references"]
+    if isinstance(refs, str):
+        row["references"] = refs = [refs]
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise ValueError(f"{where}: field 'references': expected a list of strings, got {json.dumps(refs)}")
+    for key, kind in (("meta", dict), ("images", list)):
+        if not isinstance(row[key], kind):
+            raise ValueError(
+                f"{where}: field {key!r}: expected a {kind.__name__}, got {json.dumps(row[key])}"
+            )
+    if not all(isinstance(p, str) for p in row["images"]):
+        raise ValueError(
+            f"{where}: field 'images': expected a list of paths, got {json.dumps(row['images'])}"
+        )
+    if row["error"] is not None and not isinstance(row["error"], str):
+        raise ValueError(f"{where}: field 'error': expected a string or null, got {json.dumps(row['error'])}")
+
+
 def read_predictions(path: str | Path) -> list[dict]:
-    """Rows written by `write_predictions`; raises ValueError naming the line and the missing field."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not JSON: {e}") from e
+    """Rows written by `write_predictions` (each with id, answer and references); raises ValueError naming
+    the line and field for a missing or mistyped field or a repeated id."""
+    rows, seen = [], {}
+    for where, row in _read_entries(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {json.dumps(row)[:60]}")
         missing = [k for k in ("id", "answer", "references") if k not in row]
         if missing:
-            raise ValueError(f"{path} line {n} (id {row.get('id')!r}): missing field(s) {missing}")
+            hint = (
+                " (to score answers against a benchmark file, give --data FILE)"
+                if missing == ["references"]
+                else ""
+            )
+            raise ValueError(f"{where} (id {row.get('id')!r}): missing field(s) {missing}{hint}")
+        row["id"] = _row_id(row["id"], where)
+        where = f"{where} (id {row['id']!r})"
+        if row["id"] in seen:
+            raise ValueError(f"{where}: id repeated (first at {seen[row['id']]})")
+        seen[row["id"]] = where
         row.setdefault("meta", {})
         row.setdefault("images", [])
         row.setdefault("error", None)
+        _check_row(row, where)
         rows.append(row)
     return rows
+
+
+def read_answers(path: str | Path) -> dict[str, str]:
+    """{id: answer} from predictions made by any tool: JSON lines or a JSON list of objects with an id
+    (`id` or `question_id`) and an answer (`answer` or `text`, as LLaVA's answer files have). Other
+    fields are ignored. Raises ValueError naming the entry and field (missing, mistyped, repeated id)."""
+    answers: dict[str, str] = {}
+    where_of: dict[str, str] = {}
+    for where, entry in _read_entries(path):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {json.dumps(entry)[:60]}")
+        id_key = next((k for k in ("id", "question_id") if k in entry), None)
+        answer_key = next((k for k in ("answer", "text") if k in entry), None)
+        if id_key is None or answer_key is None:
+            raise ValueError(
+                f"{where}: needs an id ('id' or 'question_id') and an answer ('answer' or 'text')"
+            )
+        rid = _row_id(entry[id_key], f"{where}: field {id_key!r}")
+        answer = entry[answer_key]
+        if not isinstance(answer, str):
+            raise ValueError(
+                f"{where} (id {rid!r}): field {answer_key!r}: expected a string, got {json.dumps(answer)}"
+            )
+        if rid in answers:
+            raise ValueError(f"{where}: id {rid!r} repeated (first at {where_of[rid]})")
+        answers[rid], where_of[rid] = answer, where
+    if not answers:
+        raise ValueError(f"{path}: no predictions in the file")
+    return answers
 
 
 def write_json(obj, path: str | Path) -> Path:
@@ -115,9 +217,8 @@ def sample_grid(
 
 
 def _draw_sample(ax, row: dict, image_root, image_loader) -> None:
-    image_path = Path(image_root or ".") / row["images"][0]
     try:
-        ax.imshow(image_loader(str(image_path)))
+        ax.imshow(image_loader(str(image_path(image_root, row["images"][0]))))
     except Exception as e:  # noqa: BLE001 - any unreadable image is shown, not fatal, in a report
         ax.text(0.5, 0.5, textwrap.fill(str(e), 30), ha="center", va="center", fontsize=7, wrap=True)
     color = {True: "green", False: "red"}.get(row.get("correct"), "grey")
@@ -143,12 +244,15 @@ def _draw_sample(ax, row: dict, image_root, image_loader) -> None:
 
 
 def _detail_tables(task: str, metrics: dict) -> list[str]:
-    """Per-group tables: question types (vqa, text), POPE settings, classes (classify)."""
+    """Per-group tables: question and answer types (vqa, text), POPE settings, classes (classify)."""
     lines: list[str] = []
-    if "by_question_type" in metrics:
-        groups = metrics["by_question_type"]
-        lines += ["", "## By question type", ""]
-        lines += _table(["type", "accuracy", "n"], [(g, v["accuracy"], v["n"]) for g, v in groups.items()])
+    for key, title in (("by_question_type", "question type"), ("by_answer_type", "answer type")):
+        if key in metrics:
+            groups = metrics[key]
+            lines += ["", f"## By {title}", ""]
+            lines += _table(
+                ["type", "accuracy", "n"], [(g, v["accuracy"], v["n"]) for g, v in groups.items()]
+            )
     if task == "pope":
         keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "invalid", "n")
         settings = [k for k, v in metrics.items() if isinstance(v, dict) and "tp" in v]
@@ -182,6 +286,8 @@ def write_report(
     scalars = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     head = [(k, lookup(metrics, k)) for k in get_task(task).headline if "." in k]
     lines += ["", "## Metrics", ""] + _table(["metric", "value"], head + scalars)
+    if "vqa_scoring" in metrics:
+        lines.append(f"\nVQA scoring: {metrics['vqa_scoring']} ({VQA_SCORING_NOTES[metrics['vqa_scoring']]})")
     for note in metrics.get("notes", []):
         lines.append(f"\nNote: {note}")
     lines += _detail_tables(task, metrics)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from vistune.data.readers import caption_of, load_records
+from vistune.eval.paths import PathEscapeError, image_path
+from vistune.eval.run import positive_int
 from vistune.infer.embed import embed_image_files, embed_text_list
 from vistune.model.contrastive import load_contrastive
 
@@ -76,19 +78,25 @@ def main_eval_retrieval(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="pairs JSONL (or LLaVA captions) of the held-out split")
     p.add_argument("--image-root", help="folder image paths are relative to (default: the file's folder)")
     p.add_argument("--out", required=True, help="folder for metrics.json")
-    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--limit", type=positive_int, help="use only the first N records")
     args = p.parse_args(argv)
     records = load_records(args.data, args.image_root)
     records = records[: args.limit] if args.limit else records
+    if not records:
+        raise ValueError(f"{args.data}: no records to evaluate")
+    root = args.image_root or Path(args.data).parent
     images: dict[str, int] = {}
     texts, owner = [], []
     for record in records:
         if len(record.images) != 1:
             raise ValueError(f"{record.where()}: field images: retrieval pairs need exactly one image")
+        try:
+            image_path(root, record.images[0])
+        except PathEscapeError as e:
+            raise ValueError(f"{record.where()}: field 'image': {e}") from None
         owner.append(images.setdefault(record.images[0], len(images)))
         texts.append(caption_of(record))
     model = load_contrastive(args.model_dir)
-    root = args.image_root or Path(args.data).parent
     metrics = recall_at_k(
         embed_image_files(model, root, list(images)), embed_text_list(model, texts), text_image=owner
     )

@@ -1,10 +1,13 @@
 """The evaluation runner and the `vistune eval` command.
 
 `evaluate` turns records into rows: it builds each prompt, loads the images itself (so a missing or
-corrupt image, or a malformed record, becomes a failed row rather than a crash), calls
-`predictor.answer` on batches, and scores the rows with the task. `run_eval` also writes
-predictions.jsonl, metrics.json, report.md and PNGs. (The shapes world's suite, every task on its
-splits, is `vistune.shapes.suite`; `vistune eval --suite shapes` runs it.)
+corrupt image, an image path leaving the image root, or a malformed record, becomes a failed row rather
+than a crash), calls `predictor.answer` on batches, and scores the rows with the task. It refuses an
+empty record list and repeated ids (`check_records`). `run_eval` also writes predictions.jsonl,
+metrics.json, report.md and PNGs. `rescore` scores predictions without a model: a vistune
+predictions.jsonl, or any tool's {id, answer} lines against a benchmark's records. `main_eval` is the
+command: one message and exit 2 for bad input or when every record failed. (The shapes world's suite,
+every task on its splits, is `vistune.shapes.suite`; `vistune eval --suite shapes` runs it.)
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from typing import Protocol
 from vistune.data.images import load_image
 from vistune.data.records import Record, Turn
 from vistune.eval import report
-from vistune.eval.loaders import load_eval_records
+from vistune.eval.loaders import FORMATS, load_eval_records
+from vistune.eval.metrics import VQA_SCORING
+from vistune.eval.paths import image_path
 from vistune.eval.tasks import TASKS, get_task, make_row, score_rows
 from vistune.eval.text_bench import retention, text_records
 from vistune.infer.generate import load_generator
+from vistune.model.vlm import MODEL_FILE
 
 # A zero-shot classifier (from embeddings): (records, images per record, labels) -> one label each.
 Classifier = Callable[[Sequence[Record], list[list], Sequence[str]], list[str]]
@@ -40,12 +46,28 @@ class Predictor(Protocol):
 
 
 def _load_images(row: dict, image_root, loader) -> list | None:
-    """The row's images, or None with `row['error']` set when one cannot be loaded."""
+    """The row's images, or None with `row['error']` set when one cannot be loaded or its path leaves
+    the image root (by its text or through a symlink: `vistune.eval.paths`)."""
     try:
-        return [loader(str(Path(image_root or ".") / p)) for p in row["images"]]
-    except (OSError, ValueError) as e:  # ImageError is a ValueError; OSError covers unreadable files
+        return [loader(str(image_path(image_root, p))) for p in row["images"]]
+    except (OSError, ValueError) as e:  # ImageError, PathEscapeError are ValueErrors; OSError: unreadable
         row["error"] = f"image: {e}"
         return None
+
+
+def check_records(records: Sequence[Record], source: str = "the records") -> None:
+    """Refuse what would give a score that means nothing: no records at all, or an id given to more
+    than one record (its rows, answers and scores could not be told apart)."""
+    if not records:
+        raise ValueError(f"{source}: no records to evaluate")
+    first: dict[str, Record] = {}
+    for record in records:
+        if record.id in first:
+            raise ValueError(
+                f"{record.where()}: id {record.id!r} repeated (first: {first[record.id].where()}); "
+                "every record needs its own id"
+            )
+        first[record.id] = record
 
 
 def evaluate(
@@ -59,6 +81,7 @@ def evaluate(
     classifier: Classifier | None = None,
     image_loader: Callable[[str], object] | None = None,
     meteor: bool = True,
+    vqa_scoring: str = "lenient",
 ) -> tuple[list[dict], dict]:
     """Answer and score `records` on `task`; returns (rows, metrics).
 
@@ -73,8 +96,12 @@ def evaluate(
         classifier: zero-shot hook for classify: returns a label per record instead of generating.
         image_loader: path -> PIL image (default `vistune.data.images.load_image`).
         meteor: caption task: also compute METEOR (Java).
+        vqa_scoring: vqa task: "official" (the VQAv2 script's figure) or "lenient" (see `metrics`).
+
+    Raises ValueError for no records or a repeated id (see `check_records`).
     """
     spec = get_task(task)
+    check_records(records)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if predictor is None and classifier is None:
@@ -93,7 +120,7 @@ def evaluate(
         batch = pending[i : i + batch_size]
         _answer_batch(predictor, batch, image_root, loader, spec, max_new_tokens, labels, classifier)
     seconds = time.perf_counter() - start
-    metrics = score_rows(task, rows, labels, meteor=meteor)
+    metrics = score_rows(task, rows, labels, meteor=meteor, vqa_scoring=vqa_scoring)
     metrics["timing"] = {"seconds": seconds, "records_per_s": len(pending) / seconds if seconds else None}
     return rows, metrics
 
@@ -130,7 +157,8 @@ def run_eval(
 ) -> dict:
     """`evaluate`, then write predictions.jsonl, metrics.json, report.md (+ PNGs) into out_dir.
 
-    kwargs are `evaluate`'s (batch_size, max_new_tokens, labels, classifier, meteor). Returns the metrics.
+    kwargs are `evaluate`'s (batch_size, max_new_tokens, labels, classifier, meteor, vqa_scoring).
+    Returns the metrics.
     """
     rows, metrics = evaluate(
         predictor, records, task, image_root=image_root, image_loader=image_loader, **kwargs
@@ -144,105 +172,267 @@ def run_eval(
 
 
 def rescore(
-    predictions: str | Path, task: str, labels: Sequence[str] | None = None, meteor: bool = True
+    predictions: str | Path,
+    task: str,
+    labels: Sequence[str] | None = None,
+    meteor: bool = True,
+    records: Sequence[Record] | None = None,
+    vqa_scoring: str = "lenient",
+    limit: int | None = None,
 ) -> tuple[list[dict], dict]:
-    """Score an existing predictions.jsonl again (e.g. after editing answers) without a model."""
-    rows = report.read_predictions(predictions)
-    for row in rows:
-        if row.get("task") not in (None, task):
-            raise ValueError(f"{predictions} id {row['id']!r}: row is for task {row['task']!r}, not {task!r}")
-    return rows, score_rows(task, rows, labels, meteor=meteor)
+    """Score predictions without a model.
+
+    Without `records`, `predictions` is a vistune predictions.jsonl whose rows carry their references
+    (e.g. after editing answers). With `records` (a benchmark file, loaded), the references come from
+    the records and `predictions` only needs an id and an answer per line (any tool's output, see
+    `report.read_answers`); a record without a prediction is a failed row, and predictions whose id is
+    not among the records are counted in `unmatched_predictions`. `limit` keeps the first rows of a
+    predictions.jsonl (records are limited by the caller).
+    """
+    if records is None:
+        rows = report.read_predictions(predictions)[:limit]
+        if not rows:
+            raise ValueError(f"{predictions}: no predictions in the file")
+        for row in rows:
+            if row.get("task") not in (None, task):
+                raise ValueError(
+                    f"{predictions} id {row['id']!r}: row is for task {row['task']!r}, not {task!r}"
+                )
+        return rows, score_rows(task, rows, labels, meteor=meteor, vqa_scoring=vqa_scoring)
+    check_records(records)
+    answers = report.read_answers(predictions)
+    spec = get_task(task)
+    rows = []
+    for record in records:
+        row, turns = make_row(record, spec, labels)
+        if turns is not None:  # a well-formed record: take its answer
+            if record.id in answers:
+                row["answer"] = answers[record.id]
+            else:
+                row["error"] = f"no prediction for id {record.id!r} in {predictions}"
+        rows.append(row)
+    metrics = score_rows(task, rows, labels, meteor=meteor, vqa_scoring=vqa_scoring)
+    metrics["unmatched_predictions"] = len(set(answers) - {r.id for r in records})
+    return rows, metrics
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (so `--limit -1` or `--limit 0` is an error, not a silent slice)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vistune eval",
-        description="Evaluate a trained model on a benchmark.",
+        description="Evaluate a trained model on a benchmark, or score predictions already made.",
         epilog="Also: --task retrieval (recall@k of a contrastive model) and --suite shapes (every task on "
-        "the shapes world's splits); each has its own --help.",
+        "the shapes world's splits); each has its own --help. Exit status: 0 scored; 2 bad input, or "
+        "every record failed; 1 an internal error (--debug shows its traceback).",
     )
-    p.add_argument("model_dir", nargs="?", help="trained model directory (not needed with --predictions)")
+    p.add_argument("model_dir", nargs="?", help="trained model directory (not with --predictions)")
     p.add_argument(
         "--task",
-        choices=TASKS,
+        choices=(*TASKS, "retrieval"),
         help="what to measure (retrieval: see `vistune eval --task retrieval --help`)",
     )
-    p.add_argument("--data", help="benchmark file")
-    p.add_argument("--format", default="llava", help="llava, vqav2, gqa, pope or textvqa (default llava)")
+    p.add_argument("--data", help="benchmark file (with --predictions: where the references come from)")
+    p.add_argument("--format", choices=FORMATS, help="format of --data (default llava)")
     p.add_argument("--annotations", help="VQAv2 annotations JSON (with --format vqav2)")
     p.add_argument("--image-root", help="directory the image paths are relative to")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N records")
+    p.add_argument("--max-new-tokens", type=positive_int, help="generation budget (default: the task's)")
     p.add_argument("--labels", help="comma-separated class names (classify)")
     p.add_argument("--base", help="text task: also ask this base LLM (e.g. smollm2) and report retention")
-    p.add_argument("--predictions", help="score this predictions.jsonl instead of running a model")
+    p.add_argument(
+        "--predictions",
+        help="score this file instead of running a model: a predictions.jsonl with references, or with "
+        "--data any JSON/JSONL of {id or question_id, answer or text}",
+    )
+    p.add_argument(
+        "--vqa-scoring",
+        choices=VQA_SCORING,
+        help="vqa: official (the VQAv2 script's figure; default with --format vqav2) or lenient "
+        "(always normalise; the default otherwise)",
+    )
     p.add_argument("--no-meteor", action="store_true", help="caption: skip METEOR (Java, ~7 s start-up)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Flag combinations that cannot work, refused before anything is loaded (argparse exits 2)."""
     if not a.task:
         p.error("give --task (or --suite shapes)")
+    if a.task == "retrieval":  # normally routed by `vistune eval` before this parser sees it
+        p.error("--task retrieval is handled by `vistune eval --task retrieval` (see its --help)")
     if not a.predictions and not a.model_dir:
         p.error("MODEL_DIR is required unless --predictions is given")
+    if a.predictions and (a.model_dir or a.base):
+        p.error("give MODEL_DIR (to run a model) or --predictions (to score answers), not both")
     if a.task != "text" and not a.predictions and not a.data:
         p.error("--data is required for this task")
+    if (a.format or a.annotations) and not a.data:
+        p.error("--format and --annotations describe --data; give --data too")
+    if a.format == "vqav2" and a.task == "vqa" and not a.annotations:
+        p.error("--format vqav2 needs --annotations (the human answers) to score")
     if a.base and a.task != "text":
         p.error("--base only applies to --task text")
+    if a.vqa_scoring and a.task != "vqa":
+        p.error("--vqa-scoring only applies to --task vqa")
+    if a.image_root and not Path(a.image_root).is_dir():
+        p.error(f"--image-root {a.image_root}: no such directory")
 
 
 def main_eval(argv: list[str] | None = None) -> int:
     """`vistune eval`: run or re-score one task; print the metrics.
 
-    Returns 0, or 2 after printing the message when the data or arguments are wrong (ValueError).
+    Returns 0; 2 after one message naming the file, record, field or flag when the input is wrong, or
+    when every record failed; 1 for an unexpected error (its traceback with --debug).
     """
     p = _parser()
     a = p.parse_args(argv)
     _check_args(p, a)
     try:
         return _main(a)
-    except ValueError as e:  # bad files, formats, labels: the message names file, record and field
-        print(f"vistune eval: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RecursionError) as e:  # bad files, formats, labels, paths
+        if a.debug:
+            raise
+        message = "input nested too deeply to read" if isinstance(e, RecursionError) else str(e)
+        print(f"vistune eval: error: {message}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if a.debug:
+            raise
+        print(f"vistune eval: internal error: {type(e).__name__}: {e} (--debug shows where)", file=sys.stderr)
+        return 1
+
+
+def _load_data(a: argparse.Namespace) -> tuple[list[Record] | None, str | None]:
+    """The records to score (None: references live in the predictions file) and the image root."""
+    image_root = a.image_root
+    if a.data is None:
+        records = text_records() if a.task == "text" and not a.predictions else None
+        return (records[: a.limit] if records is not None else None), image_root
+    fmt = a.format or "llava"
+    records = load_eval_records(fmt, a.data, a.annotations)
+    if image_root is None and fmt == "llava":  # llava.py's convention: the file's folder
+        image_root = a.data if Path(a.data).is_dir() else str(Path(a.data).parent)
+    records = records[: a.limit]
+    check_records(records, a.data)
+    return records, image_root
+
+
+def _vqa_scoring(a: argparse.Namespace) -> str:
+    """--vqa-scoring, else official for --format vqav2, else what the rescored run used, else lenient."""
+    if a.vqa_scoring:
+        return a.vqa_scoring
+    if a.format == "vqav2":
+        return "official"
+    if a.predictions and not a.data:
+        return _previous_metrics(a.predictions).get("vqa_scoring", "lenient")
+    return "lenient"
 
 
 def _main(a: argparse.Namespace) -> int:
     labels = [s.strip() for s in a.labels.split(",") if s.strip()] if a.labels else None
+    records, image_root = _load_data(a)  # before the model: bad data fails fast
+    if a.task == "classify" and labels is None and records is not None:
+        labels = sorted({r.meta.get("label") for r in records if isinstance(r.meta.get("label"), str)})
+    scoring = _vqa_scoring(a)
     if a.predictions:
-        rows, metrics = rescore(a.predictions, a.task, labels, meteor=not a.no_meteor)
-        image_root = a.image_root or _previous_image_root(a.predictions)
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        report.write_predictions(rows, Path(a.out) / "predictions.jsonl")
-        info = {"predictions": a.predictions}
-        report.write_report(a.out, a.task, metrics, rows, image_root=image_root, info=info)
-        print(json.dumps(_brief(metrics), indent=2, default=float))
-        return 0
-    predictor = load_generator(a.model_dir, batch_size=a.batch_size)
-    metrics = _run_task(a, predictor, labels)
+        metrics = _score_predictions(a, records, image_root, labels, scoring)
+    else:
+        predictor = _load_model(a.model_dir, a.task, a.batch_size)
+        metrics = _run_task(a, predictor, records, image_root, labels, scoring)
     print(json.dumps(_brief(metrics), indent=2, default=float))
+    return _exit_status(metrics, a.out)
+
+
+def _score_predictions(a, records, image_root, labels, scoring: str) -> dict:
+    """--predictions: score, write predictions.jsonl, metrics.json and report.md into --out."""
+    rows, metrics = rescore(
+        a.predictions, a.task, labels, not a.no_meteor, records=records, vqa_scoring=scoring, limit=a.limit
+    )
+    if records is None:
+        image_root = image_root or _previous_metrics(a.predictions).get("image_root")
+    if metrics.get("unmatched_predictions"):
+        print(
+            f"vistune eval: warning: {metrics['unmatched_predictions']} prediction(s) in {a.predictions} "
+            f"have an id that is not among the {len(rows)} records of {a.data}; ignored",
+            file=sys.stderr,
+        )
+    metrics["image_root"] = None if image_root is None else str(Path(image_root).resolve())
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    report.write_predictions(rows, Path(a.out) / "predictions.jsonl")
+    info = {
+        "predictions": a.predictions,
+        **({"data": a.data, "format": a.format or "llava"} if a.data else {}),
+    }
+    report.write_report(a.out, a.task, metrics, rows, image_root=image_root, info=info)
+    return metrics
+
+
+def _load_model(model_dir: str, task: str, batch_size: int) -> Predictor:
+    """The model, after a check that names the path: image tasks need a trained vistune model dir (a
+    plain LLM cannot see images); the text task also takes an LLM name or hub id."""
+    path = Path(model_dir)
+    if not (path / MODEL_FILE).is_file():
+        if not path.exists() and (task != "text" or path.is_absolute() or model_dir.startswith((".", "~"))):
+            raise ValueError(f"MODEL_DIR {model_dir}: no such directory")
+        if task != "text":
+            raise ValueError(f"MODEL_DIR {model_dir}: not a trained vistune model (no {MODEL_FILE} in it)")
+    try:
+        return load_generator(model_dir, batch_size=batch_size)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # a damaged or foreign model dir
+        raise ValueError(f"MODEL_DIR {model_dir}: cannot load the model ({type(e).__name__}: {e})") from e
+
+
+def _first_error(out: str) -> str:
+    """The first failed row's error in OUT/predictions.jsonl (just written), for the exit message."""
+    for line in (Path(out) / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("error"):
+            return f"{row['id']!r}: {row['error']}"
+    return "?"
+
+
+def _exit_status(metrics: dict, out: str) -> int:
+    """0, with a warning when some records failed; 2 when every record failed (nothing was measured:
+    a wrong --image-root, or predictions whose ids are not those of --data, say)."""
+    failures, total = metrics.get("failures", 0), metrics.get("n_records", 0)
+    if total and failures == total:
+        print(
+            f"vistune eval: error: all {total} records failed, so the metrics measure nothing; the first: "
+            f"{_first_error(out)} (all are in {Path(out) / 'report.md'}; check --image-root and --data)",
+            file=sys.stderr,
+        )
+        return 2
+    if failures:
+        print(
+            f"vistune eval: warning: {failures} of {total} records failed and score as wrong "
+            f"(listed in {Path(out) / 'report.md'})",
+            file=sys.stderr,
+        )
     return 0
 
 
-def _run_task(a: argparse.Namespace, predictor: Predictor, labels: list[str] | None) -> dict:
+def _run_task(a, predictor: Predictor, records, image_root, labels, scoring: str) -> dict:
     """One task from the command line (text: optionally against the base LLM)."""
-    image_root = a.image_root
-    if a.task == "text" and not a.data:
-        records = text_records()
-    else:
-        records = load_eval_records(a.format, a.data, a.annotations)
-        if image_root is None and a.format == "llava":  # llava.py's convention: the file's folder
-            image_root = a.data if Path(a.data).is_dir() else str(Path(a.data).parent)
-    records = records[: a.limit]
-    if a.task == "classify" and labels is None:
-        labels = sorted({r.meta.get("label") for r in records if r.meta.get("label")})
-    info = {"model": a.model_dir, "data": a.data or "built-in text set", "format": a.format}
+    info = {"model": a.model_dir, "data": a.data or "built-in text set", "format": a.format or "llava"}
     kwargs = {
         "batch_size": a.batch_size,
         "max_new_tokens": a.max_new_tokens,
         "labels": labels,
         "meteor": not a.no_meteor,
+        "vqa_scoring": scoring,
     }
     metrics = run_eval(predictor, records, a.task, a.out, image_root=image_root, info=info, **kwargs)
     if a.base:
@@ -261,10 +451,15 @@ def _run_task(a: argparse.Namespace, predictor: Predictor, labels: list[str] | N
     return metrics
 
 
-def _previous_image_root(predictions: str) -> str | None:
-    """The image root recorded in the metrics.json next to a predictions file, if any."""
+def _previous_metrics(predictions: str) -> dict:
+    """The metrics.json next to a predictions file ({} when absent or unreadable): its image root and
+    VQA scoring are reused when scoring the file again."""
     path = Path(predictions).with_name("metrics.json")
-    return json.loads(path.read_text()).get("image_root") if path.exists() else None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _ratio(x: float | None) -> str:

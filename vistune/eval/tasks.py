@@ -11,6 +11,7 @@ A task is data: `Task(name, max_new_tokens, references, prompt, score)`, looked 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,14 +30,28 @@ def _last_assistant(record: Record) -> str | None:
     return texts[-1] if texts else None
 
 
+def _reference_text(value: object, where: str, field: str) -> str:
+    """One reference as text: a string, or an integer (a count); anything else (null, a float, a list,
+    an object, true/false) is refused, naming the record and field, rather than turned into 'None'."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: field {field!r}: a reference must be a string, got {json.dumps(value)}")
+
+
 def _refs_from(record: Record, keys: Sequence[str]) -> list[str]:
-    """The first of meta[keys] present (a string or a list), else the last assistant turn."""
+    """The first of meta[keys] present (a string, an integer or a non-empty list of them), else the last
+    assistant turn. A string is one reference, never a sequence of one-letter references."""
     for key in keys:
-        value = record.meta.get(key)
-        if isinstance(value, str) and value.strip():
-            return [value]
-        if isinstance(value, list) and value:
-            return [str(v) for v in value]
+        if key not in record.meta or record.meta[key] in ("", []):
+            continue
+        value = record.meta[key]
+        if isinstance(value, list):
+            return [_reference_text(v, record.where(), f"{key}[{i}]") for i, v in enumerate(value)]
+        text = _reference_text(value, record.where(), key)
+        if text.strip():
+            return [text]
     last = _last_assistant(record)
     if last is None:
         raise ValueError(f"{record.where()}: no reference (fields {', '.join(keys)} or an assistant turn)")
@@ -83,23 +98,41 @@ def _scorable(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["references"]]
 
 
-def score_vqa(rows: list[dict], labels: Sequence[str] | None = None) -> dict:
-    """VQA soft accuracy (several human answers) or exact match (one), exact match, per question type."""
+def score_vqa(rows: list[dict], labels: Sequence[str] | None = None, scoring: str = "lenient") -> dict:
+    """VQA accuracy (`scoring`: "official" VQAv2 or "lenient", see `metrics`), exact match (the prediction
+    equals any reference, compared as that scoring compares them), per question type and, when rows
+    carry one, per answer type."""
+    if scoring not in M.VQA_SCORING:
+        raise ValueError(f"VQA scoring {scoring!r} is not one of {', '.join(M.VQA_SCORING)}")
     all_rows, rows = rows, _scorable(rows)
+    if scoring == "official":
+        few = next((r for r in rows if len(r["references"]) < 2), None)
+        if few is not None:
+            raise ValueError(
+                f"record {few['id']!r}: official VQAv2 scoring needs the human answers (10 per question), "
+                f"the record has {len(few['references'])}; use lenient scoring (--vqa-scoring lenient)"
+            )
     for r in rows:
         ok = not r.get("error")
-        r["score"] = M.vqa_score(r["answer"], r["references"]) if ok else 0.0
-        r["correct"] = ok and M.exact_match(r["answer"], r["references"])
+        r["score"] = M.vqa_score(r["answer"], r["references"], scoring) if ok else 0.0
+        match = M.official_exact_match if scoring == "official" else M.exact_match
+        r["correct"] = ok and match(r["answer"], r["references"])
     n = len(rows)
     scores = [r["score"] for r in rows]
-    by_type = M.mean_by_group(scores, [r["meta"].get("question_type", "unknown") for r in rows])
-    return {
+    out = {
         "accuracy": sum(scores) / n if n else 0.0,
         "exact_match": sum(r["correct"] for r in rows) / n if n else 0.0,
         "n": n,
-        "by_question_type": by_type,
-        **_failures(all_rows),
+        "vqa_scoring": scoring,
+        "by_question_type": M.mean_by_group(
+            scores, [r["meta"].get("question_type", "unknown") for r in rows]
+        ),
     }
+    if any("answer_type" in r["meta"] for r in rows):
+        out["by_answer_type"] = M.mean_by_group(
+            scores, [r["meta"].get("answer_type", "unknown") for r in rows]
+        )
+    return {**out, **_failures(all_rows)}
 
 
 def score_caption(rows: list[dict], labels: Sequence[str] | None = None, meteor: bool = True) -> dict:
@@ -210,10 +243,19 @@ def get_task(name: str) -> Task:
     return _TASKS[name]
 
 
-def score_rows(task: str, rows: list[dict], labels: Sequence[str] | None = None, meteor: bool = True) -> dict:
-    """Score rows with the task called `task` (`meteor` only matters for captions)."""
+def score_rows(
+    task: str,
+    rows: list[dict],
+    labels: Sequence[str] | None = None,
+    meteor: bool = True,
+    vqa_scoring: str = "lenient",
+) -> dict:
+    """Score rows with the task called `task` (`meteor` only matters for captions, `vqa_scoring`,
+    "official" or "lenient", only for vqa)."""
     if task == "caption":
         return score_caption(rows, labels, meteor=meteor)
+    if task == "vqa":
+        return score_vqa(rows, labels, scoring=vqa_scoring)
     return get_task(task).score(rows, labels)
 
 
