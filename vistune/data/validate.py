@@ -83,14 +83,15 @@ def escapes_root(image: str, image_root: str | Path | None = None) -> bool:
         or ".." in win.parts
     ):
         return True
-    return image_root is not None and _resolved_outside(image, Path(image_root), {}) is not None
+    return image_root is not None and resolved_outside(image, Path(image_root), {}) is not None
 
 
-def _resolved_outside(image: str, image_root: Path, cache: dict) -> str | None:
+def resolved_outside(image: str, image_root: Path, cache: dict | None = None) -> str | None:
     """None when root/image resolves inside the resolved root; else a detail saying where it leads.
 
     A symlink loop resolves to itself here; opening it then fails as an unreadable image.
     """
+    cache = {} if cache is None else cache
     key = ("resolved root", image_root)
     if key not in cache:
         cache[key] = os.path.realpath(image_root)
@@ -116,7 +117,7 @@ def _location_problem(image: str, image_root: Path, cache: dict) -> str | None:
         if escapes_root(image):
             cache[key] = f"{image!r} is not inside the image root"
         else:
-            cache[key] = _resolved_outside(image, image_root, cache)
+            cache[key] = resolved_outside(image, image_root, cache)
     return cache[key]
 
 
