@@ -207,11 +207,18 @@ def test_mistyped_entries_name_the_field(tmp_path):
         loaders.load_pope(pope)
 
 
-@pytest.mark.parametrize(
-    "fmt, name", [("llava", "d.json"), ("llava", "d.jsonl"), ("gqa", "g.json"), ("pope", "p.json")]
-)
+@pytest.mark.parametrize("fmt, name", [("llava", "d.json"), ("gqa", "g.json"), ("pope", "p.json")])
 def test_json_nested_too_deeply_is_a_value_error(tmp_path, fmt, name):
     path = tmp_path / name
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="nested too deeply"):
         loaders.load_eval_records(fmt, path)
+
+
+def test_a_jsonl_line_nested_too_deeply_is_that_record_s_failure(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = '{"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'
+    path.write_text(good + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    records = loaders.load_eval_records("llava", path)
+    assert records[0].id == "ok" and loaders.LOAD_ERROR not in records[0].meta
+    assert "line 2: not valid JSON (nested too deeply to read)" in records[1].meta[loaders.LOAD_ERROR]

@@ -69,6 +69,8 @@ def _parse(path: Path) -> list:
                     items.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     items.append(_BadLine(lineno, e.msg))
+                except RecursionError:  # json.loads recurses per nesting level
+                    items.append(_BadLine(lineno, "nested too deeply to read"))
         return items
     try:
         data = json.loads(text)
@@ -76,6 +78,8 @@ def _parse(path: Path) -> list:
         raise DataError(
             f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", kind="bad file"
         ) from e
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read", kind="bad file") from None
     if not isinstance(data, list):
         raise DataError(
             f"{path}: expected a JSON list of records, got {type(data).__name__}", kind="bad file"

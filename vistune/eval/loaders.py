@@ -173,10 +173,7 @@ def load_llava(path: str | Path) -> list[Record]:
     """LLaVA JSON/JSONL (or an ImageFolder) through `vistune.data.readers.load_records`; extra fields land
     in meta. A malformed record does not stop the load: it becomes a stand-in Record whose
     meta[LOAD_ERROR] holds the error, so the runner reports it as a failed row."""
-    try:
-        recordset = load_records(str(path))
-    except RecursionError:  # vistune.data.readers lets json's RecursionError through
-        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+    recordset = load_records(str(path))
     records = []
     for i in range(len(recordset)):
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vistune.eval import report
 from vistune.eval.loaders import load_llava
-from vistune.eval.run import Predictor, run_eval
+from vistune.eval.run import Predictor, positive_int, run_eval
 from vistune.eval.text_bench import text_records
 from vistune.infer.generate import load_generator
 
@@ -77,13 +77,24 @@ def main_suite(argv: list[str] | None = None) -> int:
     p.add_argument("model_dir", help="trained model directory")
     p.add_argument("--data", required=True, help="the shapes world directory (vistune data synth --out)")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, help="evaluate only the first N records of each file")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N records of each file")
     p.add_argument("--no-meteor", action="store_true", help="caption: skip METEOR (Java, ~7 s start-up)")
     a = p.parse_args(argv)
+    if not (Path(a.data) / "manifest.json").is_file():
+        raise ValueError(f"--data {a.data}: not a shapes world directory (no manifest.json)")
     predictor = load_generator(a.model_dir, batch_size=a.batch_size)
     results = run_suite(
         predictor, a.data, a.out, batch_size=a.batch_size, limit=a.limit, meteor=not a.no_meteor
     )
     print(report.suite_table(results))
+    failed = [
+        f"{split}/{task}"
+        for split, tasks in results.items()
+        if split != "text"
+        for task, m in tasks.items()
+        if m.get("n_records") and m.get("failures") == m.get("n_records")
+    ]
+    if failed:
+        raise ValueError(f"every record of {', '.join(failed)} failed (see {a.out}/SPLIT/TASK/report.md)")
     return 0
