@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import functools
 import struct
-import threading
-import warnings
 import zlib
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,7 +29,6 @@ IMAGE_PROBLEMS = (
     "too-large image",
 )
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, zlib.error)
-_PILLOW_GUARD = threading.Lock()
 
 
 class ImageError(ValueError):
@@ -41,24 +37,6 @@ class ImageError(ValueError):
     def __init__(self, path: str | Path, kind: str, detail: str):
         super().__init__(f"{path}: {kind}: {detail}")
         self.path, self.kind, self.detail = str(path), kind, detail
-
-
-@contextmanager
-def _our_limit_only():
-    """Deprecated: switches Pillow's global limit off process-wide (not thread-safe); use `open_header`.
-
-    Kept only so that callers written against it (vistune/infer/image_input.py) still import; nothing
-    in vistune/data uses it.
-    """
-    with _PILLOW_GUARD:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _try_formats(fp: BinaryIO, prefix: bytes, formats: Sequence[str]) -> ImageFile.ImageFile | None:
@@ -211,7 +189,7 @@ def _header(fp: BinaryIO, path: Path, max_pixels: int) -> ImageFile.ImageFile:
     return im
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any mode to 8-bit RGB; transparency is composited on white."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
@@ -235,7 +213,7 @@ def _decode(im: ImageFile.ImageFile, fp: BinaryIO, path: Path, whole_png: bool) 
         short = _png_incomplete(im, fp, marker) if whole_png else 0
         if not short:
             ImageOps.exif_transpose(im, in_place=True)
-            return _to_rgb(im)
+            return to_rgb(im)
     except Image.DecompressionBombError as e:  # Pillow's own check inside a decoder (TIFF, GIF frames)
         raise ImageError(path, "too-large image", f"refused by Pillow's MAX_IMAGE_PIXELS ({e})") from e
     except _DECODE_ERRORS as e:

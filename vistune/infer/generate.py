@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteriaList,
+    TextStreamer,
+)
+from transformers.generation.streamers import BaseStreamer
 
 from vistune.data.records import Turn
 from vistune.model.llm import load_llm, load_tokenizer, pick_dtype
@@ -68,32 +75,63 @@ class Generator:
         return self.generate(conversations, images, max_new_tokens=max_new_tokens)
 
     def _batch(self, convs, images, max_new_tokens, temperature, top_p, streamer) -> list[str]:
-        image_tokens = self.vlm.image_tokens if self.vlm else 0
         if not self.vlm and any(images):
             raise ValueError("this model is a plain LLM: it cannot take images")
-        ids = [
-            render(
-                c, self.tokenizer, image_tokens=image_tokens, num_images=len(im), generation=True
-            ).input_ids
-            for c, im in zip(convs, images, strict=True)
-        ]
-        width = max(map(len, ids))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        ids = [self.prompt_ids(c, len(im)) for c, im in zip(convs, images, strict=True)]
         flat = [im for row in images for im in row]
+        features = self.encode_images(flat) if flat else None
+        output = self.generate_ids(
+            ids, features, max_new_tokens, temperature=temperature, top_p=top_p, streamer=streamer
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+
+    def prompt_ids(self, conversation: list[Turn], num_images: int) -> list[int]:
+        """The prompt's token ids (image tokens expanded, assistant header appended)."""
+        image_tokens = self.vlm.image_tokens if self.vlm else 0
+        return render(
+            conversation, self.tokenizer, image_tokens=image_tokens, num_images=num_images, generation=True
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(B_img, N, D_vision) tower features of the images: what `VLM.embed` takes as `vision_features`."""
+        if not self.vlm:
+            raise ValueError("this model is a plain LLM: it cannot take images")
+        return self.vlm.vision(self.vlm.vision.preprocess(list(images)).to(self.device))
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        prompts: Sequence[list[int]],
+        features: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        streamer: BaseStreamer | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+    ) -> torch.Tensor:
+        """One batch: left-pad the prompts, merge the image features, continue; (B, T) new token ids.
+
+        `features` (B_img, N, D_vision) are the images' tower features in the order their image tokens
+        appear across the batch (`encode_images`, or a cache of it). Rows that finish early are padded.
+        """
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=self.device)
         if self.vlm:
-            pixels = self.vlm.vision.preprocess(flat).to(self.device) if flat else None
-            embeds = self.vlm.embed(input_ids, pixels)
+            embeds = self.vlm.embed(input_ids, vision_features=features)
         else:
             embeds = self.llm.get_input_embeddings()(input_ids)
         sample = temperature > 0
-        output = self.llm.generate(
+        return self.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
             temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-            pad_token_id=pad, eos_token_id=self.eos, streamer=streamer,
+            pad_token_id=pad, eos_token_id=self.eos, streamer=streamer, logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
         )  # fmt: skip
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 
 
 def load_generator(name_or_dir: str, batch_size: int = 8, device: str | None = None) -> Generator:

@@ -1,0 +1,290 @@
+"""`vistune serve MODEL`: an OpenAI-compatible HTTP API that takes images, and a web chat page.
+
+Routes: `POST /v1/chat/completions` (a JSON reply, or server-sent events in OpenAI's chunk format with
+`stream: true`, ending with `data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` and
+the chat page at `/`. Requests that arrive together are batched (`vistune.infer.scheduler`).
+
+Safe by default: binds 127.0.0.1; with a key (`--api-key` or `VISTUNE_API_KEY`) every `/v1` route needs
+`Authorization: Bearer KEY` (compared in constant time); remote image URLs are refused unless
+`--allow-remote-images` (`vistune.infer.image_input`); the request body (413), bytes and pixels per
+image, images per request, `max_tokens` and prompt length are capped. Errors come in OpenAI's shape and
+never carry a traceback; logs hold ids, counts and times, never message text, images or keys
+(`vistune.infer.guards`). A client that disconnects cancels its request: dropped if still queued, its
+batch row ended at the next decoding step if running (`vistune.infer.decoding`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.resources import files
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from vistune.infer.api import APIError, ChatRequest, chunk, completion, new_id, stop_strings, usage
+from vistune.infer.decoding import Delta, Done, Event, Failed, Job
+from vistune.infer.engine import MB, Engine, ServeConfig
+from vistune.infer.generate import Generator
+from vistune.infer.guards import BodyLimit, authorizer, exposure_warning, install_error_handlers
+from vistune.infer.scheduler import QueueFull
+
+log = logging.getLogger("vistune.serve")
+DISCONNECT_POLL_S = 0.1
+
+
+def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
+    """The ASGI app serving `generator` under `config`; its lifespan starts and stops the scheduler."""
+    engine = Engine(generator, config)
+    limiter = anyio.CapacityLimiter(config.prepare_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.scheduler.start()
+        yield
+        engine.scheduler.stop()
+
+    # No /docs: FastAPI's docs pages load their scripts from a CDN, and this server works offline.
+    app = FastAPI(title="vistune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    install_error_handlers(app)
+    html, page_headers = web_page()
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(html, headers=page_headers)
+
+    @app.get("/health")
+    async def health() -> dict:
+        s = engine.scheduler
+        return {"status": "ok", "model": config.model_name, "images": engine.takes_images,
+                "queued": s.queued, "running": s.running}  # fmt: skip
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorizer(config.api_key))])
+    model_card = {
+        "id": config.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "vistune",
+    }
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != config.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist here", "model", "model_not_found")
+        return model_card
+
+    @v1.post("/chat/completions")
+    async def chat(req: ChatRequest, request: Request) -> Response:
+        return await _chat(engine, limiter, req, request)
+
+    app.include_router(v1)
+    return app
+
+
+async def _chat(
+    engine: Engine, limiter: anyio.CapacityLimiter, req: ChatRequest, request: Request
+) -> Response:
+    """Check and prepare the request (in a thread), queue it, and answer whole or streamed."""
+    prepared = await anyio.to_thread.run_sync(engine.prepare, req, limiter=limiter)
+    events: asyncio.Queue = asyncio.Queue()
+    job = Job(
+        prepared.prompt, prepared.images, prepared.max_tokens, _emitter(events),
+        req.temperature, req.top_p, req.seed, stop_strings(req),
+    )  # fmt: skip
+    try:
+        engine.scheduler.submit(job)
+    except QueueFull as err:
+        headers = {"Retry-After": str(err.retry_after)}
+        raise APIError(429, str(err), code="queue_full", headers=headers) from None
+    reply = _Reply(new_id(), engine.config.model_name, len(prepared.prompt), len(prepared.images))
+    if not req.stream:
+        return await _whole(events, job, reply, request)
+    usage_too = bool(req.stream_options and req.stream_options.include_usage)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(
+        _sse(events, job, reply, usage_too), media_type="text/event-stream", headers=headers
+    )
+
+
+class _Reply:
+    """What a reply says about itself, and when it started (for the log line)."""
+
+    def __init__(self, id_: str, model: str, prompt_tokens: int, images: int):
+        self.id, self.model, self.prompt_tokens, self.images = id_, model, prompt_tokens, images
+        self.started = time.monotonic()
+
+    def logged(self, finish: str, completion_tokens: int) -> None:
+        log.info(
+            "%s: %d image(s), %d prompt + %d completion tokens, %s, %.2f s", self.id, self.images,
+            self.prompt_tokens, completion_tokens, finish, time.monotonic() - self.started,
+        )  # fmt: skip
+
+
+def _emitter(events: asyncio.Queue) -> Callable[[Event], None]:
+    """A thread-safe way for the scheduler to hand events to this request's handler."""
+    loop = asyncio.get_running_loop()
+
+    def emit(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed: the server is gone
+            pass
+
+    return emit
+
+
+def _data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse(events: asyncio.Queue, job: Job, reply: _Reply, usage_too: bool) -> AsyncIterator[str]:
+    """The streamed reply; Starlette cancels this generator when the client disconnects."""
+    try:
+        yield _data(chunk(reply.id, reply.model, {"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield _data(chunk(reply.id, reply.model, {"content": event.text}))
+                continue
+            if isinstance(event, Done):
+                reply.logged(event.finish, event.completion_tokens)
+                yield _data(chunk(reply.id, reply.model, {}, event.finish))
+                if usage_too:
+                    counts = usage(reply.prompt_tokens, event.completion_tokens)
+                    yield _data(chunk(reply.id, reply.model, {}, usage_=counts))
+            else:
+                yield _data(event.error.body())
+            break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a no-op once the row has finished; frees it when the client has gone
+
+
+async def _whole(events: asyncio.Queue, job: Job, reply: _Reply, request: Request) -> Response:
+    """Wait for the whole reply, watching for the client going away meanwhile."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        job.cancelled.set()
+        events.put_nowait(None)
+
+    watcher = asyncio.create_task(watch())
+    parts: list[str] = []
+    try:
+        while True:
+            event = await events.get()
+            if event is None:
+                log.info("%s: the client disconnected; cancelled", reply.id)
+                return Response(status_code=499)
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Done):
+                reply.logged(event.finish, event.completion_tokens)
+                counts = usage(reply.prompt_tokens, event.completion_tokens)
+                return JSONResponse(completion(reply.id, reply.model, "".join(parts), event.finish, counts))
+            parts.append(event.text)
+    finally:
+        watcher.cancel()
+        job.cancelled.set()
+
+
+def web_page() -> tuple[str, dict[str, str]]:
+    """The chat page and its headers: a content security policy that allows only its own inline code."""
+    html = (files("vistune.infer") / "web" / "index.html").read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in found
+        )
+
+    csp = (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    headers = {
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+    return html, headers
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vistune serve", description=__doc__.splitlines()[0])
+    add = p.add_argument
+    add("model", help="a vistune model dir, or an LLM for text only (hub id, local dir, smollm2)")
+    add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    add("--port", type=int, default=8000, help="(default: 8000)")
+    add("--api-key", default=os.environ.get("VISTUNE_API_KEY"),
+        help="require Authorization: Bearer KEY on /v1 (default: $VISTUNE_API_KEY, else none)")  # fmt: skip
+    add("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    add("--max-batch", type=int, default=16, help="requests generated together (default: 16)")
+    add("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others (default: 10)")
+    add("--max-queue", type=int, default=128, help="waiting requests before a 429 (default: 128)")
+    add("--max-body-mb", type=float, default=32.0, help="request body cap, 413 above (default: 32)")
+    add("--max-image-mb", type=float, default=10.0, help="bytes per image (default: 10)")
+    add("--max-image-pixels", type=int, default=25_000_000, help="decoded pixels per image (default: 25e6)")
+    add("--max-images", type=int, default=8, help="images per request (default: 8)")
+    add("--max-tokens", type=int, default=1024, help="the most max_tokens a request may ask (default: 1024)")
+    add("--max-prompt-tokens", type=int, help="prompt cap, images included (default: the model's context)")
+    add("--feature-cache-mb", type=float, default=256.0, help="image-feature cache (default: 256)")
+    add("--allow-remote-images", action="store_true", help="fetch http(s) image URLs, public addresses only")
+    add("--fetch-timeout", type=float, default=10.0, help="seconds per remote image (default: 10)")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
+        model_name=args.served_model_name or args.model, api_key=args.api_key or None,
+        max_body_bytes=int(args.max_body_mb * MB), max_image_bytes=int(args.max_image_mb * MB),
+        max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_tokens=args.max_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, allow_remote_images=args.allow_remote_images,
+        fetch_timeout_s=args.fetch_timeout, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
+        max_queue=args.max_queue, feature_cache_bytes=int(args.feature_cache_mb * MB),
+    )  # fmt: skip
+
+
+def main_serve(argv: list[str] | None = None) -> int:
+    """`vistune serve`: load the model, then serve until interrupted."""
+    import torch
+    import uvicorn
+
+    from vistune.infer.generate import load_generator
+
+    args = _parser().parse_args(argv)
+    config = config_from_args(args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    warning = exposure_warning(args.host, config.api_key)
+    if warning:
+        log.warning(warning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator = load_generator(args.model, batch_size=config.max_batch, device=args.device)
+    log.info("serving %r (%s) on http://%s:%d", config.model_name,
+             "images and text" if generator.vlm else "text only", args.host, args.port)  # fmt: skip
+    uvicorn.run(create_app(generator, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
