@@ -17,7 +17,7 @@ import torch
 
 from vistune.data.images import load_image
 from vistune.model.vlm import load_vlm
-from vistune.shapes.synth import load_scenes
+from vistune.shapes.scenes import load_scenes
 
 
 def truth(scene: dict, bins: int) -> list[str]:

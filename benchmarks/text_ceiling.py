@@ -28,7 +28,7 @@ from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.eval.run import evaluate
 from vistune.infer.generate import load_generator
 from vistune.shapes.quickstart import RECIPE
-from vistune.shapes.synth import load_scenes
+from vistune.shapes.scenes import load_scenes
 from vistune.train.run import train
 
 

@@ -10,8 +10,9 @@ import pytest
 
 from vistune.shapes import pope, synth
 from vistune.shapes import questions as Q
+from vistune.shapes import scenes as S
 
-SCENES = [synth.sample_scene(5, "train", i) for i in range(300)]
+SCENES = [S.sample_scene(5, "train", i) for i in range(300)]
 TEXTS = [synth.scene_texts(s, 5) for s in SCENES]
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from vistune import cli
 from vistune.shapes import questions as Q
+from vistune.shapes import scenes as S
 from vistune.shapes import synth
 from vistune.shapes.quickstart import make_data
 
@@ -44,7 +45,7 @@ def test_different_seed_different_output(dataset, tmp_path):
 
 
 def test_scene_lines_have_the_documented_keys(dataset):
-    scenes = synth.load_scenes(dataset / "scenes" / "train.jsonl")
+    scenes = S.load_scenes(dataset / "scenes" / "train.jsonl")
     assert len(scenes) == SIZES["train"]
     for i, s in enumerate(scenes):
         assert list(s) == ["id", "image", "split", "width", "height", "background", "objects"]
@@ -57,42 +58,42 @@ def test_scene_lines_have_the_documented_keys(dataset):
 
 def test_objects_never_overlap_and_stay_inside():
     for i in range(400):
-        s = synth.sample_scene(3, "train", i)
+        s = S.sample_scene(3, "train", i)
         objs = s["objects"]
-        assert 1 <= len(objs) <= synth.MAX_OBJECTS
+        assert 1 <= len(objs) <= S.MAX_OBJECTS
         for a in objs:
             assert a["radius"] <= a["x"] <= s["width"] - a["radius"]
             assert a["radius"] <= a["y"] <= s["height"] - a["radius"]
-            assert abs(a["rotation"]) <= synth.MAX_ROTATION
+            assert abs(a["rotation"]) <= S.MAX_ROTATION
         for j, a in enumerate(objs):
             for b in objs[j + 1 :]:
                 gap = np.hypot(a["x"] - b["x"], a["y"] - b["y"]) - a["radius"] - b["radius"]
-                assert gap >= synth.MARGIN_PX - 0.02  # rounding to 2 decimals
+                assert gap >= S.MARGIN_PX - 0.02  # rounding to 2 decimals
 
 
 def test_every_count_from_1_to_6_and_every_combo_occur():
-    scenes = [synth.sample_scene(0, "train", i) for i in range(600)]
+    scenes = [S.sample_scene(0, "train", i) for i in range(600)]
     assert {len(s["objects"]) for s in scenes} == set(range(1, 7))
     seen = {(o["color"], o["shape"]) for s in scenes for o in s["objects"]}
-    assert seen == set(synth.SEEN)
+    assert seen == set(S.SEEN)
 
 
 def test_held_out_combos_only_in_the_compositional_split(dataset):
-    held = set(synth.HELD_OUT)
+    held = set(S.HELD_OUT)
     assert len(held) == 5 and {s for _, s in held} == set(Q.SHAPES) and len({c for c, _ in held}) == 5
     for split in ("train", "val", "test"):
         for i in range(300):
-            objs = synth.sample_scene(11, split, i)["objects"]
+            objs = S.sample_scene(11, split, i)["objects"]
             assert not {(o["color"], o["shape"]) for o in objs} & held
     for i in range(300):
-        objs = synth.sample_scene(11, "compositional", i)["objects"]
+        objs = S.sample_scene(11, "compositional", i)["objects"]
         assert {(o["color"], o["shape"]) for o in objs} & held
-    for s in synth.load_scenes(dataset / "scenes" / "compositional.jsonl"):
+    for s in S.load_scenes(dataset / "scenes" / "compositional.jsonl"):
         assert {(o["color"], o["shape"]) for o in s["objects"]} & held
 
 
 def test_rendered_object_centres_have_their_colour(dataset):
-    for s in synth.load_scenes(dataset / "scenes" / "val.jsonl"):
+    for s in S.load_scenes(dataset / "scenes" / "val.jsonl"):
         pixels = np.asarray(Image.open(dataset / "images" / s["image"]).convert("RGB")).astype(int)
         assert pixels.shape == (s["height"], s["width"], 3)
         for o in s["objects"]:
@@ -107,7 +108,7 @@ def test_rendered_object_centres_have_their_colour(dataset):
 def test_task_files_manifest_and_pairs_agree(dataset):
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["seed"] == 7 and manifest["labels"] == list(Q.LABELS)
-    assert [tuple(c) for c in manifest["held_out"]] == list(synth.HELD_OUT)
+    assert [tuple(c) for c in manifest["held_out"]] == list(S.HELD_OUT)
     for split, n in SIZES.items():
         for task in synth.TASKS:
             records = json.loads((dataset / split / f"{task}.json").read_text())
@@ -115,12 +116,12 @@ def test_task_files_manifest_and_pairs_agree(dataset):
             assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
             assert all(r["image"].startswith(f"{split}/") for r in records)
         pairs = [json.loads(line) for line in (dataset / split / "pairs.jsonl").read_text().splitlines()]
-        scenes = {s["image"]: s for s in synth.load_scenes(dataset / "scenes" / f"{split}.jsonl")}
+        scenes = {s["image"]: s for s in S.load_scenes(dataset / "scenes" / f"{split}.jsonl")}
         assert len(pairs) == n and all(p["caption"] == Q.caption(scenes[p["image"]]) for p in pairs)
 
 
 def test_imagefolder_view_uses_the_class_label(dataset):
-    for s in synth.load_scenes(dataset / "scenes" / "test.jsonl"):
+    for s in S.load_scenes(dataset / "scenes" / "test.jsonl"):
         link = dataset / "imagefolder" / "test" / Q.class_label(s) / f"{s['id']}.png"
         assert link.read_bytes() == (dataset / "images" / s["image"]).read_bytes()
 
@@ -141,7 +142,7 @@ def test_load_scenes_names_the_bad_line(tmp_path):
     path = tmp_path / "scenes.jsonl"
     path.write_text('{"objects": [], "image": "a.png", "width": 8, "height": 8}\n\n{"objects": []}\n')
     with pytest.raises(ValueError, match=r"scenes.jsonl line 3: not a scene graph"):
-        synth.load_scenes(path)
+        S.load_scenes(path)
 
 
 # --- where synth writes, and what it accepts (issue 18) ---------------------------------------------------

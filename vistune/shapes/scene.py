@@ -20,7 +20,7 @@ from vistune.config import Stage
 from vistune.data.images import load_image
 from vistune.model.vlm import VLM
 from vistune.shapes.questions import COLORS, SHAPES, SIZES
-from vistune.shapes.synth import load_scenes
+from vistune.shapes.scenes import load_scenes
 from vistune.shapes.words import ObjectWords, VisualWords
 from vistune.train.objective import StageContext
 

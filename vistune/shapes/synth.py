@@ -1,9 +1,7 @@
-"""The shapes world: sample scene graphs, render them, and write a complete dataset.
+"""`vistune data synth`: the shapes world as a complete dataset, byte-identical for a seed and sizes.
 
-Each image holds 1..6 flat, non-overlapping objects (6 colours x 5 shapes x 2 sizes, continuous positions,
-small rotations) on a light background with a faint gradient and noise. Everything is deterministic:
-image `i` of a split uses its own numpy Generator seeded from (seed, split, i), so the work splits across
-processes and the output is byte-identical for the same seed and sizes, whatever the worker count.
+Scene graphs come from `vistune.shapes.scenes`, drawings from `render`, every text from `questions` and
+`pope`; this module renders and describes them in worker processes and writes the result.
 
 Layout written by `synthesize(out, ...)`:
     scenes/<split>.jsonl           one scene graph per line (the source of every text)
@@ -25,100 +23,31 @@ import json
 import multiprocessing
 import operator
 import os
-import secrets
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.shapes import pope
 from vistune.shapes import questions as Q
-from vistune.shapes.render import COLOR_RGB, draw_scene
-
-SPLITS = ("train", "val", "test", "compositional")
-TASKS = ("captions", "detailed", "vqa", "conversations", "pope", "classify")
-RADIUS = {"small": 0.09, "large": 0.16}  # circumradius as a fraction of the image side
-# Never in train/val/test; every compositional image has at least one. One per shape, distinct colours.
-HELD_OUT = (
-    ("blue", "circle"),
-    ("yellow", "square"),
-    ("red", "triangle"),
-    ("green", "star"),
-    ("purple", "diamond"),
+from vistune.shapes.outdir import check_out, move_into_place, staging_dir
+from vistune.shapes.render import COLOR_RGB
+from vistune.shapes.scenes import (
+    HELD_OUT,
+    MAX_OBJECTS,
+    MIN_IMAGE_SIZE,
+    RADIUS,
+    SPLITS,
+    render,
+    rng_for,
+    sample_scene,
 )
-SEEN = tuple(c for c in Q.COMBOS if c not in HELD_OUT)
-MAX_OBJECTS = 6
-MARGIN_PX = 2.0  # minimum gap between two objects' circumcircles, in pixels
-MAX_ROTATION = 20.0  # degrees; small, so a square never turns into a diamond
+
+TASKS = ("captions", "detailed", "vqa", "conversations", "pope", "classify")
 VQA_PER_IMAGE = 3
 CHUNK = 250  # images per worker job
-MIN_IMAGE_SIZE = 16  # six objects no longer fit reliably below this side (pixels)
-# What a previous output holds at its top level; `synthesize` replaces a dir holding nothing else.
-OWNED = frozenset({"manifest.json", "scenes", "images", "imagefolder", *SPLITS})
-
-
-def rng_for(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
-    """The Generator of one image; `stream` separates scene (0), texts (1), pixel noise (2), POPE (3)."""
-    return np.random.default_rng([seed, SPLITS.index(split), index, stream])
-
-
-def _place(rng: np.random.Generator, kinds: list[tuple], size_px: int) -> list[dict] | None:
-    """Place objects (largest first) by rejection sampling; None when one does not fit."""
-    objects: list[dict] = []
-    for color, shape, size in sorted(kinds, key=lambda k: k[2] != "large"):
-        r = round(RADIUS[size] * size_px, 2)
-        for _ in range(60):
-            x, y = (round(float(v), 2) for v in rng.uniform(r + 1, size_px - r - 1, size=2))
-            if all(np.hypot(x - o["x"], y - o["y"]) >= r + o["radius"] + MARGIN_PX for o in objects):
-                break
-        else:
-            return None
-        rotation = 0.0 if shape == "circle" else round(float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)), 2)
-        objects.append(
-            {"color": color, "shape": shape, "size": size, "x": x, "y": y, "radius": r, "rotation": rotation}
-        )
-    return sorted(objects, key=lambda o: (o["x"], o["y"]))
-
-
-def sample_scene(seed: int, split: str, index: int, image_size: int = 64) -> dict:
-    """The scene graph of image `index` of `split` (a pure function of its arguments)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits are {SPLITS}")
-    rng = rng_for(seed, split, index, 0)
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
-    for _ in range(1000):
-        kinds = [
-            (*Q.pick(rng, SEEN if split != "compositional" else Q.COMBOS), Q.pick(rng, Q.SIZES))
-            for _ in range(n)
-        ]
-        if split == "compositional":
-            kinds[0] = (*Q.pick(rng, HELD_OUT), kinds[0][2])
-        objects = _place(rng, kinds, image_size)
-        if objects is not None:
-            break
-    else:
-        raise RuntimeError(f"could not place {n} objects in a {image_size}px image; use a larger image")
-    sid = f"{split}-{index:06d}"
-    background = [int(v) for v in rng.integers(200, 250, size=3)]
-    return {
-        "id": sid,
-        "image": f"{split}/{sid}.png",
-        "split": split,
-        "width": image_size,
-        "height": image_size,
-        "background": background,
-        "objects": objects,
-    }
-
-
-def render(scene: dict, seed: int = 0) -> Image.Image:
-    """Draw a scene graph (RGB, width x height). The seed only varies the background noise."""
-    return draw_scene(scene, rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), 2))
 
 
 def _llava(rid: str, image: str, pairs: Sequence[tuple[str, str]], **extra) -> dict:
@@ -283,74 +212,6 @@ def _whole(value: object, what: str, least: int) -> int:
     return number
 
 
-def _check_out(out: Path) -> bool:
-    """Whether `out` holds a previous output (to replace); raise ValueError if it may not be written.
-
-    Writable: a missing path, an empty directory, or a directory holding a shapes-world manifest and
-    nothing but what `synthesize` writes (OWNED).
-    """
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory; give --out a new or empty directory")
-    try:
-        if not out.exists() or not any(out.iterdir()):
-            return False
-    except OSError as e:
-        raise ValueError(f"{out}: cannot read the directory ({e.strerror or e})") from e
-    if not _is_manifest(out / "manifest.json"):
-        raise ValueError(
-            f"{out}: the directory is not empty and is not a shapes-world dataset (no manifest.json written "
-            "by `vistune data synth`); give --out a new or empty directory"
-        )
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWNED)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise ValueError(
-            f"{out}: a previous shapes-world dataset, but it also holds {shown}, which synth did not "
-            "write and would delete when replacing it; move them away or give --out another directory"
-        )
-    return True
-
-
-def _is_manifest(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"seed", "sizes", "counts", "held_out"} <= set(data)
-
-
-def _staging_dir(out: Path) -> Path:
-    """A new hidden folder beside `out` (same filesystem, so the final rename is atomic)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-    except OSError as e:
-        raise ValueError(f"{out}: cannot create the output directory ({e.strerror or e})") from e
-    return tmp
-
-
-def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
-    """Rename the finished dataset to `out`; a previous output is moved aside first, then deleted."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        if replace:
-            os.rename(out, old)
-        try:
-            os.replace(tmp, out)  # over a missing path or an empty directory
-        except OSError:
-            if replace:
-                os.rename(old, out)  # put the previous output back
-            raise
-    except OSError as e:
-        raise ValueError(
-            f"{out}: cannot move the finished dataset into place ({e.strerror or e}); a mount point or "
-            "a directory another process holds cannot be replaced: give --out a folder inside it"
-        ) from e
-    if replace:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def synthesize(
     out: str | Path,
     sizes: dict[str, int] | None = None,
@@ -377,11 +238,11 @@ def synthesize(
         workers,
     )
     out = Path(out).resolve()
-    replace = _check_out(out)
-    tmp = _staging_dir(out)
+    replace = check_out(out)
+    tmp = staging_dir(out)
     try:
         manifest = _write_all(tmp, sizes, seed, image_size, workers, imagefolder)
-        _move_into_place(tmp, out, replace)
+        move_into_place(tmp, out, replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     return manifest
@@ -433,22 +294,6 @@ def write_imagefolder(out: str | Path, scenes: dict[str, list[dict]]) -> None:
                 os.link(out / "images" / scene["image"], dest)
             except OSError:  # e.g. a filesystem without hard links
                 shutil.copyfile(out / "images" / scene["image"], dest)
-
-
-def load_scenes(path: str | Path) -> list[dict]:
-    """Read a scenes/<split>.jsonl file; a malformed line is an error naming the file and line."""
-    scenes = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                scene = json.loads(line) if line.strip() else None
-                if scene is not None and not all(k in scene for k in ("objects", "image", "width", "height")):
-                    raise KeyError("objects, image, width and height are required")
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path} line {number}: not a scene graph ({err})") from err
-            if scene is not None:
-                scenes.append(scene)
-    return scenes
 
 
 def _count(text: str) -> int:
