@@ -4,8 +4,8 @@ A wing on top of the core: it uses the core's parts and plugs its own into the c
 `vistune.shapes.plugin.register` (the entry point `shapes` of the group `vistune.extensions`, declared in
 pyproject.toml); the core never imports it. What it adds:
 
-- data: scene generator (`synth`), renderer (`render`), captions and questions (`questions`), POPE
-  probes (`pope`);
+- data: scene graphs (`scenes`), the dataset writer (`synth`, `outdir`), renderer (`render`), captions
+  and questions (`questions`), POPE probes (`pope`);
 - model: the `visual_words` and `object_words` projectors (`words`);
 - train: the `scene` stage kind (`scene`);
 - the main job (`quickstart`) and the evaluation suite over its splits (`suite`).
