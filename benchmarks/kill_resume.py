@@ -5,8 +5,9 @@
 A short run of every stage kind (scene, classify, contrastive, LoRA instruct) on a tiny shapes world
 and a tiny Llama built from a config (SmolLM2's tokenizer) is first trained without interruption. Then,
 for each trial, the same command starts in a fresh run dir, gets SIGKILL after a random share of the
-uninterrupted run's wall time, and is resumed with `--resume` until it finishes; its final weights are
-compared bit for bit with the uninterrupted run's. Prints k/N identical, and where each kill landed.
+uninterrupted run's training time (counted from its first logged step, so that start-up does not
+swallow the kills), and is resumed with `--resume` until it finishes; its final weights are compared
+bit for bit with the uninterrupted run's. Prints k/N identical, and where each kill landed.
 """
 
 from __future__ import annotations
@@ -73,9 +74,17 @@ def where(out: Path) -> str:
     return done[-1] if done else "no checkpoint"
 
 
+def wait_for_training(run: subprocess.Popen, out: Path) -> float:
+    """Block until the run logs its first step (or ends); return when that was."""
+    while run.poll() is None and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    return time.perf_counter()
+
+
 def trial(cfg: Path, out: Path, delay: float, reference: dict[str, torch.Tensor]) -> tuple[bool, str]:
-    """Start, SIGKILL after `delay` seconds, resume to the end; (identical?, where the kill landed)."""
+    """Start, SIGKILL `delay` seconds into training, resume to the end; (identical?, where it landed)."""
     run = train(cfg, out, resume=False)
+    wait_for_training(run, out)
     time.sleep(delay)
     if run.poll() is None:
         run.send_signal(signal.SIGKILL)
@@ -108,12 +117,12 @@ def main() -> None:
         )
     cfg = work / "config.json"
     cfg.write_text(json.dumps(config(data)))
-    start = time.perf_counter()
     ref = train(cfg, work / "reference", resume=False)
+    start = wait_for_training(ref, work / "reference")
     _, err = ref.communicate()
     if ref.returncode != 0:
         raise SystemExit(f"the uninterrupted run failed: {err[-2000:]}")
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # from the first logged step to the saved model
     reference = weights(work / "reference" / "model")
     rng = random.Random(a.seed)
     results = []
@@ -121,8 +130,9 @@ def main() -> None:
         delay = rng.uniform(0.05, 0.95) * seconds
         same, landed = trial(cfg, work / f"trial{k:02d}", delay, reference)
         results.append(same)
-        print(f"trial {k:2d}: killed after {delay:5.1f} s ({landed}): {'identical' if same else 'DIFFERENT'}")
-    print(f"{sum(results)}/{len(results)} identical (uninterrupted run: {seconds:.1f} s)")
+        verdict = "identical" if same else "DIFFERENT"
+        print(f"trial {k:2d}: killed {delay:5.1f} s into training ({landed}): {verdict}", flush=True)
+    print(f"{sum(results)}/{len(results)} identical (uninterrupted run: {seconds:.1f} s of training)")
 
 
 if __name__ == "__main__":
