@@ -280,7 +280,7 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
             raise ValueError(f"{prefix}{old} was renamed: use {prefix}{new}")
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; valid: {sorted(names)}")
+        raise ValueError(f"{where or 'config'}: unknown field(s) {sorted(unknown)}; valid: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -353,7 +353,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ValueError(f"{path}: cannot read config: {err}") from err
     for override in overrides or []:
         _apply_override(data, override)

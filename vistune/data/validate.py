@@ -250,6 +250,8 @@ def validate(
     except DataError as e:
         return Report(str(path), str(image_root), 0, [Problem(e.kind, None, str(e))])
     report = Report(str(path), str(records.image_root), len(records))
+    if not records:  # nothing to train on is not a dataset that passes
+        report.problems.append(Problem("bad file", None, f"{path}: no records"))
     cache: dict = {}
     for i in range(len(records)):
         try:

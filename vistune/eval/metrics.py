@@ -287,10 +287,22 @@ def classification_metrics(predictions: Sequence[str], targets: Sequence[str], l
     if unknown:
         raise ValueError(f"classification targets {unknown} are not among the labels {list(labels)}")
     labels = list(labels)
+    cols = labels + [INVALID]
+    if not targets:  # every record failed: nothing to score (the caller counts the failures)
+        per_class = {lab: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for lab in labels}
+        matrix = [[0] * len(cols) for _ in labels]
+        confusion = {"rows": labels, "cols": cols, "matrix": matrix}
+        return {
+            "accuracy": 0.0,
+            "macro_f1": 0.0,
+            "invalid": 0,
+            "n": 0,
+            "per_class": per_class,
+            "confusion": confusion,
+        }
     p, r, f, s = precision_recall_fscore_support(
         targets, predictions, labels=labels, average=None, zero_division=0
     )
-    cols = labels + [INVALID]
     matrix = confusion_matrix(targets, predictions, labels=cols)[: len(labels)]
     n = len(targets)
     per_class = {

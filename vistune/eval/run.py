@@ -289,6 +289,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--vqa-scoring only applies to --task vqa")
     if a.image_root and not Path(a.image_root).is_dir():
         p.error(f"--image-root {a.image_root}: no such directory")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        p.error(f"--out {a.out}: exists and is not a directory")
 
 
 def main_eval(argv: list[str] | None = None) -> int:
@@ -346,6 +348,11 @@ def _main(a: argparse.Namespace) -> int:
     records, image_root = _load_data(a)  # before the model: bad data fails fast
     if a.task == "classify" and labels is None and records is not None:
         labels = sorted({r.meta.get("label") for r in records if isinstance(r.meta.get("label"), str)})
+        if not labels:
+            raise ValueError(
+                f"--task classify needs class names: give --labels a,b,c, or records in {a.data} with a "
+                "'label' field"
+            )
     scoring = _vqa_scoring(a)
     if a.predictions:
         metrics = _score_predictions(a, records, image_root, labels, scoring)

@@ -85,6 +85,10 @@ class BodyLimit:
         await JSONResponse(error.body(), 413, headers={"Connection": "close"})(scope, receive, send)
 
 
+# Why FastAPI could not parse a JSON body, by the exception behind its "error parsing the body".
+_UNREADABLE_BODY = {UnicodeDecodeError: "it is not UTF-8 text", RecursionError: "nested too deeply to read"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error in OpenAI's shape; tracebacks go to the server log only."""
 
@@ -101,12 +105,17 @@ def install_error_handlers(app: FastAPI) -> None:
         message = (
             f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         )
+        unreadable = _UNREADABLE_BODY.get(type(exc.__cause__)) if exc.status_code == 400 else None
+        message = f"the body is not valid JSON ({unreadable})" if unreadable else message
         return await api_error(request, APIError(exc.status_code, message, headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(APIError(500, "internal server error; see the server log").body(), 500)
+
+
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")  # a body that is not a JSON object
 
 
 def validation_error(errors: list[dict]) -> APIError:
@@ -118,6 +127,8 @@ def validation_error(errors: list[dict]) -> APIError:
             continue  # `content` is a string or a list of parts: report the list's problems
         if err["type"] == "extra_forbidden":
             message = "this field is not supported by this server"
+        elif tuple(err["loc"]) == ("body",) and err["type"] in _NOT_AN_OBJECT:
+            message = "the body must be a JSON object, sent with Content-Type: application/json"
         elif err["type"] == "json_invalid":
             loc, message = "", f"the body is not valid JSON (at character {err['loc'][-1]})"
         else:

@@ -228,12 +228,23 @@ def web_page() -> tuple[str, dict[str, str]]:
     return html, headers
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 to 65535 (0: one the OS picks)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {port}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vistune serve", description=__doc__.splitlines()[0])
     add = p.add_argument
     add("model", help="a vistune model dir, or an LLM for text only (hub id, local dir, smollm2)")
     add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    add("--port", type=int, default=8000, help="(default: 8000)")
+    add("--port", type=_port, default=8000, help="(default: 8000)")
     add("--api-key", default=os.environ.get("VISTUNE_API_KEY"),
         help="require Authorization: Bearer KEY on /v1 (default: $VISTUNE_API_KEY, else none)")  # fmt: skip
     add("--served-model-name", help="the model id clients send (default: MODEL as given)")

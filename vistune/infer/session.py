@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from PIL import Image
 from transformers import TextStreamer
@@ -58,6 +58,24 @@ def _lines() -> Iterator[str]:
             return
 
 
+def _number(
+    kind: type, low: float, high: float | None = None, low_open: bool = False
+) -> Callable[[str], float]:
+    """argparse type: a `kind` number >= low (> low with `low_open`) and <= high."""
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
+        return value
+
+    return parse
+
+
 def main_chat(argv: list[str] | None = None) -> int:
     """`vistune chat`: talk with a trained model dir (or a plain LLM such as `smollm2`)."""
     parser = argparse.ArgumentParser(prog="vistune chat", description=__doc__.splitlines()[0])
@@ -65,12 +83,16 @@ def main_chat(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", action="append", default=[], help="image for the first message")
     parser.add_argument("--prompt", help="answer this once and exit (otherwise: interactive)")
     parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=_number(float, 0), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0, help="in (0, 1]")
+    parser.add_argument("--max-new-tokens", type=_number(int, 1), default=128)
     args = parser.parse_args(argv)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     session = Session(load_generator(args.model, batch_size=1), args.system)
+    if args.image and session.generator.vlm is None:
+        raise ValueError(
+            f"{args.model}: a plain language model cannot take --image; give a vistune model dir"
+        )
     pending = [load_image(p) for p in args.image]
     if args.prompt is not None:
         session.ask(args.prompt, pending, stream=True, **sampling)
@@ -83,6 +105,8 @@ def main_chat(argv: list[str] | None = None) -> int:
         if line == "/reset":  # start over: images waiting for the next message go too
             session.reset()
             pending = []
+        elif line == "/image":  # not a message to the model
+            print("error: /image needs a path: /image PATH", file=sys.stderr)
         elif line.startswith("/image "):
             try:
                 pending.append(load_image(line[len("/image ") :].strip()))

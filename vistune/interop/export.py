@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def export_llava(
     out = Path(out)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     model = load_vlm(model_dir)
@@ -132,6 +135,16 @@ def model_card(model_dir: Path, model: VLM, parity: Parity | None, dtype: str) -
     ])  # fmt: skip
 
 
+def shard_size(text: str) -> str:
+    """argparse type: a size above 0 with its unit, as transformers reads it (5GB, 500MB; KB, MB, GB, TB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 5GB or 500MB (KB, MB, GB, TB), got {text!r}"
+        )
+    return text.strip()
+
+
 def main_export(argv: list[str] | None = None) -> int:
     """`vistune export`: write a trained model dir in the transformers LLaVA format."""
     p = argparse.ArgumentParser(prog="vistune export", description=__doc__.splitlines()[0])
@@ -141,7 +154,9 @@ def main_export(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default="fp32", help="weights as stored (checked in fp32)"
     )
-    p.add_argument("--max-shard-size", default="5GB", help="weights above this are split into shards")
+    p.add_argument(
+        "--max-shard-size", type=shard_size, default="5GB", help="weights above this are split into shards"
+    )
     p.add_argument("--no-check", action="store_true", help="skip the parity check against vistune")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)

@@ -188,7 +188,13 @@ def _preprocess_mode(processor_config: dict) -> str:
 def model_config_from_llava(path: str | Path) -> tuple[ModelConfig, dict]:
     """vistune's ModelConfig for a transformers LLaVA directory, and its tower architecture."""
     path = Path(path)
-    config = LlavaConfig.from_pretrained(path)
+    try:
+        model_type = LlavaConfig.get_config_dict(path)[0].get("model_type")
+        config = LlavaConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:  # no such dir, no config.json, or a hub id while offline
+        raise FileNotFoundError(f"{path}: cannot read a transformers LLaVA config ({err})") from err
+    if model_type != "llava":
+        raise ValueError(f"{path}: not a transformers LLaVA model (model_type {model_type!r}, not 'llava')")
     vision = config.vision_config
     kind = VISION_TYPES.get(vision.model_type)
     if kind is None or not isinstance(config.vision_feature_layer, int):
@@ -201,7 +207,10 @@ def model_config_from_llava(path: str | Path) -> tuple[ModelConfig, dict]:
         raise ValueError(
             f"{path}: projector {config.projector_hidden_act!r} (bias {config.multimodal_projector_bias})"
         )
-    processor = AutoImageProcessor.from_pretrained(path).to_dict()
+    try:
+        processor = AutoImageProcessor.from_pretrained(path).to_dict()
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{path}: cannot read the LLaVA image processor ({err})") from err
     cfg = ModelConfig(
         vision=VisionConfig(
             kind=kind, image_size=vision.image_size, patch_size=vision.patch_size,

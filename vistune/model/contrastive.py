@@ -173,6 +173,11 @@ def load_contrastive(model_dir: str | Path, device: str | torch.device = "cpu") 
         meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path / CONFIG_FILE}: not a vistune contrastive model ({err})") from err
+    if meta.get("type") is None and "vision_arch" in meta:
+        raise ValueError(
+            f"{path}: a vision-language model, not a contrastive (image-text) model; retrieval and "
+            "embeddings need one written by `vistune contrastive` or a contrastive stage (OUT/stages/NAME)"
+        )
     if meta.get("type") != "contrastive":
         raise ValueError(f"{path / CONFIG_FILE}: type is {meta.get('type')!r}, expected 'contrastive'")
     vcfg = VisionConfig(**{**meta["vision"], "name_or_path": None, "weights": None})

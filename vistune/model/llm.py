@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -135,6 +136,11 @@ def llm_from_config(fields: dict, tokenizer: PreTrainedTokenizerBase, dtype: tor
     """
     fields = dict(fields)
     model_type = fields.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"llm.from_config: cannot build a {model_type!r} causal LM (not a transformers model_type; "
+            "e.g. llama, mistral, qwen2)"
+        )
     defaults = {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,

@@ -193,7 +193,12 @@ def build_vision_tower(cfg: VisionConfig, arch: dict[str, Any] | None = None) ->
             raise ValueError(f"vision arch is for kind {arch.get('kind')!r} but vision.kind is {cfg.kind!r}")
         model, image_size = model_cls(config_cls.from_dict(arch["hf_config"])), arch["image_size"]
     elif cfg.name_or_path:
-        model = model_cls.from_pretrained(cfg.name_or_path)
+        try:
+            model = model_cls.from_pretrained(cfg.name_or_path)
+        except (OSError, ValueError) as err:  # no such dir, no config or weights, or a hub id while offline
+            raise FileNotFoundError(
+                f"vision.name_or_path {cfg.name_or_path!r}: cannot load a pretrained {cfg.kind} tower ({err})"
+            ) from err
         image_size = getattr(model.config, "image_size", cfg.image_size)  # ResNets take any size
     else:
         model, image_size = model_cls(_fresh_hf_config(cfg)), cfg.image_size

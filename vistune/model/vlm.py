@@ -144,13 +144,18 @@ def load_vlm(model_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
     meta_path = model_dir / MODEL_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{model_dir}: not a vistune model dir (no {MODEL_FILE})")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    cfg = config_from_dict({"model": _upgrade(meta["model"])}).model
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        model_meta, vision_arch = meta["model"], meta["vision_arch"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        why = f"no field {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"{meta_path}: not a vistune model file ({why})") from None
+    cfg = config_from_dict({"model": _upgrade(model_meta)}).model
     cfg.vision.name_or_path, cfg.vision.weights = None, None  # weights come from this dir
     cfg.llm.name_or_path, cfg.llm.from_config = str(model_dir / "llm"), None
     tokenizer = load_tokenizer(cfg.llm.name_or_path)
     llm = load_llm(cfg.llm.name_or_path, tokenizer, pick_dtype(cfg.llm.dtype, device))
-    model = VLM(cfg, build_vision_tower(cfg.vision, arch=meta["vision_arch"]), llm, tokenizer)
+    model = VLM(cfg, build_vision_tower(cfg.vision, arch=vision_arch), llm, tokenizer)
     state = load_file(model_dir / WEIGHTS_FILE)
     for prefix, module in (("vision.", model.vision), ("projector.", model.projector)):
         module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})

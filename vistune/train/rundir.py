@@ -54,6 +54,8 @@ def present_outputs(run_dir: Path) -> list[str]:
 
 def check_run_dir(run_dir: Path, config: dict[str, Any] | None, resume: bool, overwrite: bool) -> None:
     """Stop before any work when this run would mix with the one already in `run_dir`."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: exists and is not a directory; choose another --out (or `out`)")
     if resume:
         saved = run_dir / "config.json"
         if config is not None and saved.is_file():
