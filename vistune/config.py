@@ -239,6 +239,10 @@ class Config:
         for name in ("log_every", "save_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        names = [stage.name for stage in self.stages]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # logs, loss curves and a contrastive stage's OUT/stages/NAME tell stages apart by name
+            raise ValueError(f"stages: every stage needs its own name; {repeated} repeated")
         root = Path(self.data_root)
         for stage in self.stages:
             for spec in stage.data:

@@ -277,6 +277,8 @@ def make_row(
         if task.name == "classify" and labels and row["references"][0] not in labels:
             raise ValueError(f"{record.where()}: label {row['references'][0]!r} is not one of {list(labels)}")
         turns = task.prompt(record, labels)
+        if any("\ud800" <= ch <= "\udfff" for t in turns for ch in t.content):  # the tokenizer would raise
+            raise ValueError(f"{record.where()}: the prompt is not valid Unicode (it holds a lone surrogate)")
     except ValueError as e:
         # A malformed record is not scored (no references), only counted and listed as a failure.
         row["error"], row["references"] = f"malformed record: {e}", []

@@ -53,7 +53,9 @@ class APIError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are refused, and so are values of the wrong JSON type (`"stream": "yes"` is not true,
+    # `"max_tokens": true` is not 1); an integer is still a number where a float is expected.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageURL(_Strict):

@@ -130,6 +130,12 @@ def render(
         where: the record's name, for error messages.
     """
     _check_roles(turns, generation, where)
+    for k, turn in enumerate(turns):  # the tokenizer cannot encode them (it raises a TypeError)
+        if any("\ud800" <= ch <= "\udfff" for ch in turn.content):
+            raise RenderError(
+                f"{where}: turn {k} ({turn.role}) is not valid Unicode: it holds a lone surrogate (bytes "
+                "that were not UTF-8, or a \\ud800-style escape)"
+            )
     segments = _faithful_segments(tokenizer, turns, generation, where)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     ids: list[int] = []

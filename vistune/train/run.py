@@ -27,6 +27,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     if not cfg.stages:
         raise ValueError("the config has no stages: nothing to train")
     check_kinds(cfg.stages)
+    for stage in cfg.stages:  # every kind learns from data; an empty list would fail later, less clearly
+        if not stage.data:
+            raise ValueError(
+                f"stage {stage.name!r}: data is empty; list what it trains on (data: [{{path: FILE}}])"
+            )
     run = open_run(Path(cfg.out), cfg.seed, cfg.save_every, cfg.keep_last, resume, overwrite, cfg.to_dict())
     model = (
         load_llava(cfg.model.from_pretrained, cfg.model.llm.chat_template)
