@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vistune.train.run:main_train", "train a model through a config's stages"),
     "chat": ("vistune.infer.session:main_chat", "talk with a model about images (or text only)"),
     "serve": ("vistune.infer.server:main_serve", "OpenAI-compatible HTTP API and web chat page"),
-    "eval": ("vistune.eval.run:main_eval", "score a model on a benchmark file or suite"),
+    "eval": ("vistune.eval.command:main_eval", "score a model on a benchmark file or suite"),
     "contrastive": ("vistune.train.contrastive:main_train_contrastive", "CLIP/SigLIP image-text pretraining"),
     "embed": ("vistune.infer.embed:main_embed", "write normalised image or text embeddings"),
     "classify": ("vistune.infer.embed:main_classify", "zero-shot classification of images"),

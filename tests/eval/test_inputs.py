@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from vistune.data.records import Record, Turn
-from vistune.eval import run
+from vistune.eval import command, run
 from vistune.model.vlm import MODEL_FILE
+
+main_eval = command.main_eval
 
 
 class EchoPredictor:
@@ -51,7 +53,7 @@ def _model(tmp_path, monkeypatch):
     model.mkdir()
     (model / MODEL_FILE).write_text("{}")
     predictor = EchoPredictor()
-    monkeypatch.setattr(run, "load_generator", lambda name, batch_size: predictor)
+    monkeypatch.setattr(command, "load_generator", lambda name, batch_size: predictor)
     return model, predictor
 
 
@@ -93,12 +95,11 @@ def test_limit_must_be_positive(tmp_path, capsys, monkeypatch):
     data = _llava(tmp_path / "d.json")
     for bad in ("-1", "0", "x"):
         with pytest.raises(SystemExit) as e:
-            run.main_eval([str(model), "--task", "vqa", "--data", str(data), "--limit", bad])
+            main_eval([str(model), "--task", "vqa", "--data", str(data), "--limit", bad])
         assert e.value.code == 2 and "--limit: expected an integer >= 1" in _err(capsys)
     out = tmp_path / "o"
     assert (
-        run.main_eval([str(model), "--task", "vqa", "--data", str(data), "--limit", "2", "--out", str(out)])
-        == 0
+        main_eval([str(model), "--task", "vqa", "--data", str(data), "--limit", "2", "--out", str(out)]) == 0
     )
     assert json.loads((out / "metrics.json").read_text())["n_records"] == 2 and predictor.seen == 2
 
@@ -107,9 +108,7 @@ def test_empty_data_file_is_an_error_not_accuracy_zero(tmp_path, capsys, monkeyp
     model, predictor = _model(tmp_path, monkeypatch)
     data = tmp_path / "empty.json"
     data.write_text("[]")
-    assert (
-        run.main_eval([str(model), "--task", "vqa", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
-    )
+    assert main_eval([str(model), "--task", "vqa", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert f"{data}: no records to evaluate" in _err(capsys) and not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="no records"):
         run.evaluate(EchoPredictor(), [], "vqa")
@@ -118,7 +117,7 @@ def test_empty_data_file_is_an_error_not_accuracy_zero(tmp_path, capsys, monkeyp
 def test_duplicate_ids_are_refused(tmp_path, capsys, monkeypatch):
     model, predictor = _model(tmp_path, monkeypatch)
     data = _llava(tmp_path / "d.json", ids=["a", "b", "a"])
-    assert run.main_eval([str(model), "--task", "vqa", "--data", str(data)]) == 2
+    assert main_eval([str(model), "--task", "vqa", "--data", str(data)]) == 2
     assert "record 'a': id 'a' repeated" in _err(capsys) and predictor.seen == 0  # refused before the model
     preds = _predictions(tmp_path / "p.jsonl", [{"id": "x", "answer": "", "references": ["y"]}] * 2)
     with pytest.raises(ValueError, match=r"line 2 \(id 'x'\): id repeated \(first at .*line 1"):
@@ -143,12 +142,12 @@ def test_every_record_failing_exits_2(tmp_path, capsys, monkeypatch):
         "--out",
         str(out),
     ]
-    assert run.main_eval(argv) == 2
+    assert main_eval(argv) == 2
     err = _err(capsys)
     assert "all 3 records failed" in err and "--image-root" in err and predictor.seen == 0
     assert "## Failures (3)" in (out / "report.md").read_text()  # the report is still written
     (wrong_root / "0.png").write_bytes((tmp_path / "0.png").read_bytes())
-    assert run.main_eval(argv) == 0  # some failed: a warning, exit 0
+    assert main_eval(argv) == 0  # some failed: a warning, exit 0
     assert "warning: 2 of 3 records failed" in _err(capsys)
 
 
@@ -161,7 +160,7 @@ def test_predictions_with_data_take_references_from_data(tmp_path, capsys):
     _predictions(preds, lines)
     out = tmp_path / "o"
     argv = ["--task", "vqa", "--predictions", str(preds), "--data", str(data), "--out", str(out)]
-    assert run.main_eval(argv) == 0
+    assert main_eval(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     # q0 right, q1 wrong, q2 right, q3 has no prediction (a failure scored wrong); zz is not in the data
     assert m["accuracy"] == 0.5 and m["failures"] == 1 and m["failed_ids"] == ["q3"]
@@ -172,16 +171,16 @@ def test_predictions_with_data_take_references_from_data(tmp_path, capsys):
     assert rows[0]["references"] == ["red"] and "no prediction for id 'q3'" in rows[3]["error"]
     # a JSON list of {id, answer} (the official VQAv2 results shape) works too
     preds.write_text(json.dumps([{"id": f"q{i}", "answer": "red"} for i in range(4)]))
-    assert run.main_eval(argv) == 0
+    assert main_eval(argv) == 0
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == 1.0
 
 
 def test_predictions_without_references_or_data_say_what_to_give(tmp_path, capsys):
     preds = _predictions(tmp_path / "p.jsonl", [{"question_id": 1, "answer": "red"}])
-    assert run.main_eval(["--task", "vqa", "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 2
+    assert main_eval(["--task", "vqa", "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 2
     assert "missing field(s) ['id', 'references']" in _err(capsys)
     preds = _predictions(tmp_path / "p.jsonl", [{"id": 1, "answer": "red"}])
-    assert run.main_eval(["--task", "vqa", "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 2
+    assert main_eval(["--task", "vqa", "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 2
     assert "give --data FILE" in _err(capsys)
 
 
@@ -222,7 +221,7 @@ def test_vqav2_is_scored_officially_by_default(tmp_path, scoring, q1):
     out = tmp_path / "o"
     argv = ["--task", "vqa", "--predictions", str(preds), "--data", str(q), "--format", "vqav2"]
     argv += ["--annotations", str(a), "--out", str(out)] + (["--vqa-scoring", scoring] if scoring else [])
-    assert run.main_eval(argv) == 0
+    assert main_eval(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["vqa_scoring"] == (scoring or "official")
     assert m["accuracy"] == pytest.approx((q1 + 0.6 + 1.0) / 3)  # ten "2" vs "Two"; 2 of 10 "yes"; exact
@@ -247,11 +246,11 @@ def test_official_scoring_needs_several_answers_and_vqav2_needs_annotations(tmp_
         "--out",
         str(tmp_path / "o"),
     ]
-    assert run.main_eval(argv) == 2
+    assert main_eval(argv) == 2
     assert "record '1': official VQAv2 scoring needs the human answers" in _err(capsys)
     q, _, preds = _vqav2(tmp_path)
     with pytest.raises(SystemExit):
-        run.main_eval(["--task", "vqa", "--predictions", str(preds), "--data", str(q), "--format", "vqav2"])
+        main_eval(["--task", "vqa", "--predictions", str(preds), "--data", str(q), "--format", "vqav2"])
     assert "needs --annotations" in _err(capsys)
 
 
@@ -259,12 +258,10 @@ def test_rescoring_keeps_the_scoring_a_run_used(tmp_path):
     q, a, preds = _vqav2(tmp_path)
     first = tmp_path / "first"
     argv = ["--task", "vqa", "--predictions", str(preds), "--data", str(q), "--format", "vqav2"]
-    assert run.main_eval(argv + ["--annotations", str(a), "--out", str(first)]) == 0
+    assert main_eval(argv + ["--annotations", str(a), "--out", str(first)]) == 0
     again = tmp_path / "again"
     assert (
-        run.main_eval(
-            ["--task", "vqa", "--predictions", str(first / "predictions.jsonl"), "--out", str(again)]
-        )
+        main_eval(["--task", "vqa", "--predictions", str(first / "predictions.jsonl"), "--out", str(again)])
         == 0
     )
     m = json.loads((again / "metrics.json").read_text())
@@ -318,12 +315,12 @@ def test_null_answer_in_predictions_names_line_and_field(tmp_path, capsys):
             {"id": "2", "answer": None, "references": ["red"]},
         ],
     )
-    assert run.main_eval(["--task", "vqa", "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 2
+    assert main_eval(["--task", "vqa", "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 2
     assert f"{preds} line 2 (id '2'): field 'answer': expected a string, got null" in _err(capsys)
     _predictions(preds, [{"question_id": 1, "text": None}])
     data = _llava(tmp_path / "d.json", n=1)
     argv = ["--task", "vqa", "--predictions", str(preds), "--data", str(data), "--out", str(tmp_path / "o")]
-    assert run.main_eval(argv) == 2 and "field 'text': expected a string, got null" in _err(capsys)
+    assert main_eval(argv) == 2 and "field 'text': expected a string, got null" in _err(capsys)
 
 
 @pytest.mark.parametrize("where", ["data", "data_jsonl", "predictions", "annotations"])
@@ -353,7 +350,7 @@ def test_json_nested_100k_deep_is_a_message(tmp_path, capsys, monkeypatch, where
             "--annotations",
             str(path),
         ]
-    assert run.main_eval(argv) == 2
+    assert main_eval(argv) == 2
     assert f"{path}" in (err := _err(capsys)) and "nested too deeply" in err and "Traceback" not in err
 
 
@@ -361,22 +358,22 @@ def test_missing_or_wrong_model_path_names_it(tmp_path, capsys, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(run, "load_generator", never)
+    monkeypatch.setattr(command, "load_generator", never)
     data = _llava(tmp_path / "d.json")
     missing = tmp_path / "no" / "model"
-    assert run.main_eval([str(missing), "--task", "vqa", "--data", str(data)]) == 2
+    assert main_eval([str(missing), "--task", "vqa", "--data", str(data)]) == 2
     assert f"MODEL_DIR {missing}: no such directory" in _err(capsys)
-    assert run.main_eval([str(missing), "--task", "text"]) == 2  # an absolute path is never a hub id
+    assert main_eval([str(missing), "--task", "text"]) == 2  # an absolute path is never a hub id
     assert "no such directory" in _err(capsys)
-    assert run.main_eval([str(tmp_path), "--task", "vqa", "--data", str(data)]) == 2
+    assert main_eval([str(tmp_path), "--task", "vqa", "--data", str(data)]) == 2
     assert f"not a trained vistune model (no {MODEL_FILE} in it)" in _err(capsys)
 
     def damaged(name, batch_size):
         raise KeyError("model")  # what a vistune.json without its 'model' section gives
 
-    monkeypatch.setattr(run, "load_generator", damaged)
+    monkeypatch.setattr(command, "load_generator", damaged)
     (tmp_path / MODEL_FILE).write_text("{}")
-    assert run.main_eval([str(tmp_path), "--task", "vqa", "--data", str(data)]) == 2
+    assert main_eval([str(tmp_path), "--task", "vqa", "--data", str(data)]) == 2
     assert f"MODEL_DIR {tmp_path}: cannot load the model (KeyError: 'model')" in _err(capsys)
 
 
@@ -387,13 +384,13 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypat
         def answer(self, conversations, images, max_new_tokens=32):
             raise KeyError("boom")
 
-    monkeypatch.setattr(run, "load_generator", lambda name, batch_size: Broken())
+    monkeypatch.setattr(command, "load_generator", lambda name, batch_size: Broken())
     data = _llava(tmp_path / "d.json")
     argv = [str(model), "--task", "vqa", "--data", str(data), "--out", str(tmp_path / "o")]
-    assert run.main_eval(argv) == 1
+    assert main_eval(argv) == 1
     assert "internal error: KeyError: 'boom' (--debug shows where)" in _err(capsys)
     with pytest.raises(KeyError):
-        run.main_eval(argv + ["--debug"])
+        main_eval(argv + ["--debug"])
 
 
 @pytest.mark.parametrize(
@@ -417,13 +414,13 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypat
 )
 def test_flag_combinations_that_cannot_work(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        run.main_eval(argv)
+        main_eval(argv)
     assert e.value.code == 2 and message in _err(capsys)
 
 
 def test_help_lists_retrieval(capsys):
     with pytest.raises(SystemExit):
-        run.main_eval(["--help"])
+        main_eval(["--help"])
     assert "retrieval" in capsys.readouterr().out.split("--task")[1]
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vistune.data.records import Record, Turn
-from vistune.eval import run, text_bench
+from vistune.eval import command, run, text_bench
 from vistune.eval.report import read_predictions, suite_table
 from vistune.model.vlm import MODEL_FILE
 from vistune.shapes.suite import run_suite
@@ -273,11 +273,11 @@ def test_cli_rescores_predictions_without_model(tmp_path, capsys):
     edited[1]["answer"] = "red"
     (tmp_path / "edited.jsonl").write_text("\n".join(json.dumps(r) for r in edited))
     argv = ["--task", "vqa", "--predictions", str(tmp_path / "edited.jsonl"), "--out", str(tmp_path / "re")]
-    assert run.main_eval(argv) == 0
+    assert command.main_eval(argv) == 0
     assert json.loads((tmp_path / "re" / "metrics.json").read_text())["accuracy"] == 0.5
     assert '"accuracy": 0.5' in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        run.main_eval(["--task", "vqa"])  # neither a model nor predictions
+        command.main_eval(["--task", "vqa"])  # neither a model nor predictions
 
 
 def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
@@ -285,11 +285,11 @@ def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
         "m": FakePredictor({"color": "red", "capital of France": "Paris"}),
         "smollm2": FakePredictor({"capital": "Paris", "2 + 2": "4"}),
     }
-    monkeypatch.setattr(run, "load_generator", lambda name, batch_size: models[Path(name).name])
+    monkeypatch.setattr(command, "load_generator", lambda name, batch_size: models[Path(name).name])
     model = _model_dir(tmp_path)
     data = _shapes_dir(tmp_path) / "test" / "vqa.json"
     assert (
-        run.main_eval(
+        command.main_eval(
             [
                 str(model),
                 "--task",
@@ -308,7 +308,8 @@ def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
     )
     assert json.loads((tmp_path / "v" / "metrics.json").read_text())["accuracy"] == 1.0
     assert (
-        run.main_eval([str(model), "--task", "text", "--base", "smollm2", "--out", str(tmp_path / "t")]) == 0
+        command.main_eval([str(model), "--task", "text", "--base", "smollm2", "--out", str(tmp_path / "t")])
+        == 0
     )
     m = json.loads((tmp_path / "t" / "metrics.json").read_text())
     n = len(text_bench.QUESTIONS)
@@ -316,5 +317,5 @@ def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
     assert m["retention"]["base_accuracy"] > m["retention"]["model_accuracy"]
     assert "Retention vs. base LLM smollm2" in (tmp_path / "t" / "report.md").read_text()
     with pytest.raises(SystemExit) as exit_info:
-        run.main_eval([str(model), "--task", "vqa", "--format", "coco", "--data", str(data)])
+        command.main_eval([str(model), "--task", "vqa", "--format", "coco", "--data", str(data)])
     assert exit_info.value.code == 2 and "'llava', 'vqav2'" in capsys.readouterr().err

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from vistune.data.readers import caption_of, load_records
+from vistune.eval.command import positive_int
 from vistune.eval.paths import PathEscapeError, image_path
-from vistune.eval.run import positive_int
 from vistune.infer.embed import embed_image_files, embed_text_list
 from vistune.model.contrastive import load_contrastive
 

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vistune.eval import report
+from vistune.eval.command import positive_int
 from vistune.eval.loaders import load_llava
-from vistune.eval.run import Predictor, positive_int, run_eval
+from vistune.eval.run import Predictor, run_eval
 from vistune.eval.text_bench import text_records
 from vistune.infer.generate import load_generator
 
