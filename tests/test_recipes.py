@@ -255,4 +255,3 @@ def test_accelerate_configs_parse_with_known_keys(name):
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
         assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False
-

@@ -62,27 +62,25 @@ class VLM(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        checked: bool = False,
     ) -> torch.Tensor:
         """Token embeddings with image features scattered into the `<image>` positions.
 
         Pass `pixel_values` (B_img, 3, H, W), or `vision_features` (B_img, N, D_vision) already computed
-        by a frozen tower (a cache), for the images in the order their tokens appear.
+        by a frozen tower (a cache), for the images in the order their tokens appear. `checked` says the
+        caller has already checked the image-token count (training does, where it builds the batch).
         """
         embeds = self.llm.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
-        n_positions = int(mask.sum())
         if pixel_values is None and vision_features is None:
-            if n_positions:
-                raise ValueError(f"{n_positions} image token(s) in the input but no images were given")
+            if not checked:
+                check_image_tokens(mask, 0, 0)
             return embeds
         if vision_features is None:
             vision_features = self.vision(pixel_values)
         features = self.projector(vision_features).to(embeds.dtype)
-        if n_positions != features.shape[0] * features.shape[1]:
-            raise ValueError(
-                f"image tokens and image features do not match: {n_positions} image-token positions, "
-                f"{features.shape[0]} image(s) x {features.shape[1]} tokens"
-            )
+        if not checked:
+            check_image_tokens(mask, features.shape[0], features.shape[1])
         return embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
 
     def loss_sum(
@@ -94,17 +92,61 @@ class VLM(nn.Module):
         vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Summed next-token cross-entropy over labelled positions (logits only where labels are)."""
-        embeds = self.embed(input_ids, pixel_values, vision_features)
+        positions, ids = answer_targets(labels)
+        return self.answer_loss_sum(input_ids, attention_mask, positions, ids, pixel_values, vision_features)
+
+    def answer_loss_sum(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        answer_positions: torch.Tensor,
+        answer_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        checked: bool = False,
+    ) -> torch.Tensor:
+        """`loss_sum` with the targets of `answer_targets`, computed where the batch is built.
+
+        `attention_mask` may be None for right-padded rows: under the causal mask no real token sees
+        a pad, and only real tokens carry a loss. `checked`: as in `embed`."""
+        embeds = self.embed(input_ids, pixel_values, vision_features, checked)
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, answer_positions)
+        logits = self.llm.get_output_embeddings()(picked)
+        return F.cross_entropy(logits.float(), answer_ids, reduction="sum")
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """Mean loss per answer token of this batch (for quick use; training uses `loss_sum`)."""
         n = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
         return self.loss_sum(**batch) / n
+
+
+def answer_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token targets that carry a loss: their flat positions in the (B * L) hidden states
+    (position t predicts label t + 1) and their token ids.
+
+    Training computes them where it builds the batch, on the CPU: a boolean index on a GPU reads its
+    size back to the host, a stall in every step."""
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, targets[rows, cols]
+
+
+def check_image_tokens(mask: torch.Tensor, images: int, tokens: int) -> None:
+    """The `<image>` positions in `mask` must number images x tokens. On a GPU the check runs on the
+    device (reading the count back would stall every step) and fails at a later kernel."""
+    count = mask.sum()
+    if mask.device.type != "cpu":
+        torch._assert_async(count == images * tokens, "image tokens and image features do not match")
+        return
+    n_positions = int(count)
+    if images == 0 and n_positions:
+        raise ValueError(f"{n_positions} image token(s) in the input but no images were given")
+    if n_positions != images * tokens:
+        raise ValueError(
+            f"image tokens and image features do not match: {n_positions} image-token positions, "
+            f"{images} image(s) x {tokens} tokens"
+        )
 
 
 def build_vlm(cfg: ModelConfig, device: str | torch.device = "cpu") -> VLM:

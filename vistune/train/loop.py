@@ -5,8 +5,11 @@ order, skipping what the newest complete checkpoint already holds; `fit` trains 
 stage: it chooses what learns, builds AdamW with warmup + cosine, lets accelerate wrap the objective
 (DDP, FSDP, mixed precision), and steps through the data order of `vistune.train.order`. Each
 optimizer step sums the objective's loss over `grad_accum` micro-batches and divides by the loss
-targets of the whole effective batch (all micro-batches, all processes). Non-finite steps are skipped
-and counted; `MAX_BAD_STEPS` in a row stop the run. Checkpoints every `save_every` steps hold the
+targets of the whole effective batch (all micro-batches, all processes). A step reads nothing back to
+the host (a stall on a GPU): a non-finite loss or gradient norm makes fused AdamW skip the update on
+the device (`found_inf`), and losses, counts and skips are read every `log_every` steps, before each
+checkpoint and at the stage's end; skipped steps are counted there and `MAX_BAD_STEPS` in a row stop
+the run (the schedule still advances on a skipped step). Checkpoints every `save_every` steps hold the
 objective (model and stage heads) with optimizer, scheduler, RNG and step, so `--resume` continues bit
 for bit; the end-of-stage checkpoint holds the model later stages start from, and the random state.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -48,6 +53,7 @@ class Run:
     seed: int = 0
     save_every: int = 200
     keep_last: int = 2
+    log_every: int = 10
 
     def context(self) -> StageContext:
         """The StageContext objectives are built with."""
@@ -101,6 +107,7 @@ def open_run(
     resume: bool = False,
     overwrite: bool = False,
     config: dict | None = None,
+    log_every: int = 10,
 ) -> Run:
     """A Run writing to `run_dir`: the accelerator, the seeded RNGs and the metrics log.
 
@@ -118,7 +125,7 @@ def open_run(
             record_config(run_dir, config)
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, accelerator.is_main_process)
-    return Run(run_dir, accelerator, log, seed, save_every, keep_last)
+    return Run(run_dir, accelerator, log, seed, save_every, keep_last, log_every)
 
 
 def fit(
@@ -137,37 +144,52 @@ def fit(
     accelerator = run.accelerator
     groups = set_trainable(objective, objective.parts(), stage)
     steps = total_steps(stage, len(objective), accelerator.num_processes)
-    optimizer = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+    # fused: one kernel for all parameters, and it takes `found_inf`, so a bad step is skipped on the device
+    optimizer = torch.optim.AdamW(groups, weight_decay=stage.weight_decay, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * steps), steps)
     wrapped, prepared = accelerator.prepare(objective, optimizer)
     start = 0
     if resume_from is not None:
         start = ckpt.load_training_state(resume_from, objective, optimizer, scheduler)["step"]
+        for group in optimizer.param_groups:  # a checkpoint from before the loop fused AdamW says None
+            group["fused"] = True
     run.log.stage(stage, index, steps, objective.describe())
     bar = tqdm(
         range(start, steps), desc=f"stage {index} {stage.name}", disable=not accelerator.is_main_process
     )
-    bad = 0
+    pending: list[StepRecord] = []
+    last = time.perf_counter()
     for step in bar:
-        loss, count, ok = train_step(wrapped, objective, prepared, accelerator, stage, run.seed + index, step)
-        if ok:
-            scheduler.step()
-        run.log.step(step, loss, count, scheduler.get_last_lr()[0], ok, bar)
-        bad = 0 if ok else bad + 1
-        if bad >= MAX_BAD_STEPS:
-            raise RuntimeError(
-                f"stage {stage.name!r}: loss or gradients not finite for {bad} steps in a row "
-                f"(last at step {step}); lower the learning rate or check the data"
-            )
+        batches = step_batches(objective, accelerator, stage, run.seed + index, step)
+        loss, count, finite = train_step(wrapped, objective, prepared, accelerator, stage, batches)
+        scheduler.step()
+        now = time.perf_counter()
+        pending.append(StepRecord(step, loss, count, finite, scheduler.get_last_lr()[0], now - last))
+        last = now
         done = step + 1 == steps
+        saving = done or (step + 1) % run.save_every == 0
+        if saving or (step + 1) % run.log_every == 0:
+            flush(run, stage, pending, bar)
         if done:
             objective.finish()  # e.g. merge LoRA adapters before the end-of-stage checkpoint
             save(run, ckpt.gather_state(keep), index, step + 1, complete=True)
-        elif (step + 1) % run.save_every == 0:
+        elif saving:
             save(run, ckpt.gather_state(objective, optimizer, scheduler), index, step + 1, complete=False)
     accelerator.free_memory()
     del wrapped, prepared
     gc.collect()
+
+
+def step_batches(
+    objective: Objective, accelerator: Accelerator, stage: Stage, seed: int, step: int
+) -> list[dict]:
+    """This process's `grad_accum` micro-batches of optimizer step `step`, built on the host."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    lengths = objective.lengths()
+    return [
+        objective.batch(batch_indices(len(objective), seed, step, k, rank, world, stage, lengths))
+        for k in range(stage.grad_accum)
+    ]
 
 
 def train_step(
@@ -176,20 +198,18 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     stage: Stage,
-    seed: int,
-    step: int,
-) -> tuple[float, int, bool]:
-    """One optimizer step over `grad_accum` micro-batches; the loss is normalised by the number of
-    loss targets in the whole effective batch (all micro-batches, all processes)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    lengths = objective.lengths()
-    batches = [
-        objective.batch(batch_indices(len(objective), seed, step, k, rank, world, stage, lengths))
-        for k in range(stage.grad_accum)
-    ]
-    local = torch.tensor(float(sum(objective.count(b) for b in batches)), device=accelerator.device)
+    batches: list[dict],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over the micro-batches of `step_batches`; the loss is normalised by the number
+    of loss targets in the whole effective batch (all micro-batches, all processes).
+
+    Returns the step's mean loss, its loss-target count and whether it was finite (and so applied),
+    as device tensors: nothing is read back to the host here."""
+    world, device = accelerator.num_processes, accelerator.device
+    # Counts are known on the host; `full` makes the tensor with a kernel, not a blocking copy.
+    local = torch.full((), float(sum(objective.count(b) for b in batches)), device=device)
     total = accelerator.reduce(local, "sum").clamp(min=1.0)
-    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.zeros((), device=device)
     for k, batch in enumerate(batches):
         sync = k == len(batches) - 1
         with nullcontext() if sync else accelerator.no_sync(wrapped):
@@ -198,13 +218,42 @@ def train_step(
             accelerator.backward(loss * world / total)
         loss_sum += loss.detach()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+    norm = torch.as_tensor(accelerator.clip_grad_norm_(params, stage.max_grad_norm), device=device)
     global_loss = accelerator.reduce(loss_sum, "sum")
-    ok = bool(torch.isfinite(global_loss)) and bool(torch.isfinite(torch.as_tensor(norm)))
-    if ok:
-        optimizer.step()
+    finite = torch.isfinite(global_loss) & torch.isfinite(norm)
+    fused = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+    fused.found_inf = (~finite).float()  # fused AdamW leaves everything as it was where this is 1
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(global_loss / total), int(total), ok
+    return global_loss / total, total, finite
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step as `fit` keeps it until the next read-back: device tensors and host values."""
+
+    step: int
+    loss: torch.Tensor
+    count: torch.Tensor
+    finite: torch.Tensor
+    lr: float
+    seconds: float
+
+
+def flush(run: Run, stage: Stage, pending: list[StepRecord], bar: tqdm) -> None:
+    """Read the pending steps back in one transfer and log them; `MAX_BAD_STEPS` non-finite steps in
+    a row stop the run, naming the last of them."""
+    if not pending:
+        return
+    values = torch.stack([torch.stack([r.loss.float(), r.count.float(), r.finite.float()]) for r in pending])
+    for record, (loss, count, finite) in zip(pending, values.tolist(), strict=True):
+        run.log.step(record.step, loss, int(count), record.lr, bool(finite), bar, record.seconds)
+        if run.log.bad_in_row >= MAX_BAD_STEPS:
+            raise RuntimeError(
+                f"stage {stage.name!r}: loss or gradients not finite for {run.log.bad_in_row} steps in a row "
+                f"(last at step {record.step}); lower the learning rate or check the data"
+            )
+    pending.clear()
 
 
 def save(run: Run, state: ckpt.TrainingState, index: int, step: int, complete: bool) -> None:

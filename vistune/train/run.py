@@ -32,7 +32,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
             raise ValueError(
                 f"stage {stage.name!r}: data is empty; list what it trains on (data: [{{path: FILE}}])"
             )
-    run = open_run(Path(cfg.out), cfg.seed, cfg.save_every, cfg.keep_last, resume, overwrite, cfg.to_dict())
+    out, config = Path(cfg.out), cfg.to_dict()
+    run = open_run(out, cfg.seed, cfg.save_every, cfg.keep_last, resume, overwrite, config, cfg.log_every)
     model = (
         load_llava(cfg.model.from_pretrained, cfg.model.llm.chat_template)
         if cfg.model.from_pretrained

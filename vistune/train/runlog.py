@@ -22,6 +22,7 @@ class RunLog:
         self.path = run_dir / "metrics.jsonl"
         self.stage_name = ""
         self.bad_steps = 0
+        self.bad_in_row = 0  # non-finite steps since the last finite one
         self.last_loss = math.nan  # of the last finite step
         self._last = time.perf_counter()
         self._tb = SummaryWriter(str(run_dir / "tensorboard")) if active else None
@@ -34,16 +35,21 @@ class RunLog:
     def stage(self, stage: Stage, index: int, steps: int, about: dict) -> None:
         """Record the start of a stage and what its data held (kept/skipped/cut/dropped counts)."""
         self.stage_name = stage.name
+        self.bad_in_row = 0
         self._write({"event": "stage", "stage": stage.name, "index": index, "steps": steps, **about})
         if self.active:
             print(f"stage {index} {stage.name}: {steps} steps, train={stage.train}, data={about}", flush=True)
         self._last = time.perf_counter()
 
-    def step(self, step: int, loss: float, count: int, lr: float, ok: bool, bar: Any) -> None:
-        """Record one optimizer step; non-finite steps are counted, not plotted."""
+    def step(
+        self, step: int, loss: float, count: int, lr: float, ok: bool, bar: Any, seconds: float | None = None
+    ) -> None:
+        """Record one optimizer step (`seconds` it took: by default, the time since the last record);
+        non-finite steps are counted, not plotted."""
         now = time.perf_counter()
-        seconds, self._last = now - self._last, now
+        seconds, self._last = (now - self._last if seconds is None else seconds), now
         self.bad_steps += not ok
+        self.bad_in_row = 0 if ok else self.bad_in_row + 1
         self.last_loss = loss if ok else self.last_loss
         row = {"stage": self.stage_name, "step": step, "loss": loss if ok else None, "targets": count,
                "lr": lr, "seconds": round(seconds, 4), "skipped_nonfinite": self.bad_steps}  # fmt: skip

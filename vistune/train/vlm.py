@@ -4,8 +4,10 @@ LoRA (`lora` in the stage's `train`) wraps the LLM with peft adapters on every l
 on the top `stage.lora_layers` decoder layers (the backward pass then stops below them); they are
 merged back at the stage's end. A frozen vision tower runs in eval mode (its BatchNorm uses the running
 statistics, as at inference) and without gradients; its features are computed once per image and kept
-in CPU memory when the stage's images fit in `FEATURE_CACHE_GB` (or as `stage.cache_features` says).
-Features are computed inside `forward`, so a wrapped model (DDP, FSDP) is in charge of its weights.
+on the stage's device when the stage's images fit in `FEATURE_CACHE_GB` (or as
+`stage.cache_features` says). Features are computed inside `forward`, so a wrapped model (DDP, FSDP)
+is in charge of its weights. Batches are built on the CPU with everything the step needs (the answer
+positions, the loss-target count), so a step on a GPU reads nothing back to the host.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from torch import nn
 
 from vistune.config import Stage
 from vistune.data.images import load_image
-from vistune.model.template import IGNORE
-from vistune.model.vlm import VLM
+from vistune.model.vlm import VLM, answer_targets, check_image_tokens
 from vistune.train.conversations import ConversationData, collate
 from vistune.train.objective import StageContext
 
@@ -61,7 +62,7 @@ class VLMObjective(nn.Module):
         if "lora" in stage.train and not isinstance(model.llm, PeftModel):
             add_lora(model, stage)
         self.model = model
-        self.device = ctx.device
+        self.device = torch.device(ctx.device)
         self.data = ConversationData(
             stage.data, model.tokenizer, model.image_tokens, stage.max_length, stage.on_bad_record
         )
@@ -71,7 +72,7 @@ class VLMObjective(nn.Module):
         self.cache = self.frozen and (
             stage.cache_features if stage.cache_features is not None else self._cache_gb() <= FEATURE_CACHE_GB
         )
-        self._features: dict[str, torch.Tensor] = {}  # image path -> (N, D) features on the CPU
+        self._features: dict[str, torch.Tensor] = {}  # image path -> (N, D) features on the device
 
     def __len__(self) -> int:
         return len(self.data)
@@ -101,11 +102,17 @@ class VLMObjective(nn.Module):
         }
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        """Padded ids and labels, and the pixels the tower must see: all images, or with the feature
-        cache only those not seen before, one tensor each (`image_keys` lists every image in order)."""
+        """Padded ids, the answer positions and ids, and the pixels the tower must see: all images, or
+        with the feature cache only those not seen before, one tensor each (`image_keys` lists every
+        image in order)."""
         out = collate([self.data[i] for i in indices], self.model.tokenizer.pad_token_id)
         paths = [str(p) for p in out.pop("images")]
-        out = {k: v.to(self.device) for k, v in out.items()}
+        check_image_tokens(out["input_ids"] == self.model.image_token_id, len(paths), self.model.image_tokens)
+        out["answer_positions"], out["answer_ids"] = answer_targets(out.pop("labels"))
+        # Rows are right-padded: under the causal mask no real token sees a pad, so the step needs no
+        # attention mask (transformers would read it back to see whether it can skip it: a GPU stall).
+        out["attention_mask"] = None
+        out = {k: v if v is None else self._to_device(v) for k, v in out.items()}
         if self.cache and paths:
             new = [p for p in dict.fromkeys(paths) if p not in self._features]
             out |= {"image_keys": paths, "new_images": {p: self._pixels([p]) for p in new}}
@@ -113,8 +120,13 @@ class VLMObjective(nn.Module):
             out["pixel_values"] = self._pixels(paths)
         return out
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned: the copy overlaps the step before it
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def _pixels(self, paths: list[str]) -> torch.Tensor:
-        return self.model.vision.preprocess([load_image(p) for p in paths]).to(self.device)
+        return self._to_device(self.model.vision.preprocess([load_image(p) for p in paths]))
 
     @torch.no_grad()
     def _cached_features(self, keys: list[str], new: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,11 +137,11 @@ class VLMObjective(nn.Module):
         was first seen with, or a resumed run (whose cache fills in other batches) would not end with
         the same weights."""
         for key, pixels in new.items():
-            self._features[key] = self.model.vision(pixels)[0].cpu()
-        return torch.stack([self._features[k] for k in keys]).to(self.device)
+            self._features[key] = self.model.vision(pixels)[0]
+        return torch.stack([self._features[k] for k in keys])
 
     def count(self, batch: dict[str, Any]) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return batch["answer_ids"].numel()  # a size, known on the host
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         batch = dict(batch)
@@ -138,7 +150,7 @@ class VLMObjective(nn.Module):
         elif self.frozen and "pixel_values" in batch:
             with torch.no_grad():
                 batch["vision_features"] = self.model.vision(batch.pop("pixel_values"))
-        loss = self.model.loss_sum(**batch)
+        loss = self.model.answer_loss_sum(**batch, checked=True)  # counted in `batch`
         if "vision_features" not in batch and "pixel_values" not in batch and _distributed():
             # A micro-batch of text only leaves the tower and projector out; sharded training (FSDP)
             # reduces the gradients of the same parameters on every process, so they take part with
