@@ -191,9 +191,12 @@ class Stage:
     on_bad_record: str = "raise"  # raise | skip
     max_grad_norm: float = 1.0
     group_by_length: bool = True  # batch records of similar length together (less padding)
-    # vlm stages with a frozen tower: keep each image's features (on the CPU) instead of recomputing
+    # vlm stages with a frozen tower: keep each image's features (on the device) instead of recomputing
     # them; null: when the stage's images fit in FEATURE_CACHE_GB.
     cache_features: bool | None = None
+    # vlm stages: recompute the LLM's layer activations in the backward pass instead of keeping them
+    # (about a third more compute for a fraction of the activation memory: for large models)
+    gradient_checkpointing: bool = False
     # contrastive stages only: the text tower ("minilm", "llm" or a local encoder dir), loss, sizes
     text_tower: str = "minilm"
     loss: str = "clip"

@@ -16,7 +16,6 @@ from torch.overrides import TorchFunctionMode
 
 from vistune.config import config_from_dict
 from vistune.model.vlm import build_vlm
-from vistune.shapes.synth import synthesize
 from vistune.train.kinds import build_objective
 from vistune.train.loop import make_accelerator, step_batches, train_step
 from vistune.train.objective import StageContext
@@ -48,40 +47,6 @@ def _has_bool_tensor(values) -> bool:
         if isinstance(value, tuple) and _has_bool_tensor(value):
             return True
     return False
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nosync") / "data"
-    synthesize(root, sizes={"train": 6, "val": 0, "test": 0, "compositional": 0}, workers=1, imagefolder=True)
-    return root
-
-
-KIND_DATA = {
-    "vlm": {"path": "train/conversations.json", "image_root": "images"},
-    "scene": {"path": "scenes/train.jsonl", "image_root": "images"},
-    "classify": {"path": "imagefolder/train"},
-    "contrastive": {"path": "train/pairs.jsonl", "image_root": "images"},
-}
-
-
-def _stage_cfg(data: Path, llm: Path, train: list[str], kind: str = "vlm") -> dict:
-    """One stage of `kind` on the tiny world; the contrastive text tower is the tiny LLM's body."""
-    vision = {"kind": "clip", "image_size": 16, "patch_size": 4, "hidden_size": 16, "num_layers": 1,
-              "num_heads": 2, "intermediate_size": 32}  # fmt: skip
-    stage = {"name": "s", "kind": kind, "train": train, "batch_size": 2, "grad_accum": 2, "max_steps": 2,
-             "max_length": 128, "lr": 0.01, "lora_rank": 4, "data": [KIND_DATA[kind]]}  # fmt: skip
-    if kind == "contrastive":
-        stage |= {"text_tower": str(llm), "max_length": 32, "chunk_size": 2, "grad_accum": 1, "batch_size": 4}
-    return {
-        "data_root": str(data),
-        "model": {
-            "vision": vision,
-            "projector": {"name": "mlp2x_gelu"},
-            "llm": {"name_or_path": str(llm), "chat_template": "chatml"},
-        },
-        "stages": [stage],
-    }
 
 
 def _steps_under(mode: HostReads, cfg: dict, steps: int = 2) -> None:
@@ -116,13 +81,13 @@ def _steps_under(mode: HostReads, cfg: dict, steps: int = 2) -> None:
         ),
     ],
 )
-def test_a_training_step_reads_nothing_back(data, tiny_llm_dir, train, kind):
+def test_a_training_step_reads_nothing_back(one_stage, train, kind):
     mode = HostReads()
-    _steps_under(mode, _stage_cfg(data, tiny_llm_dir, train, kind))
+    _steps_under(mode, one_stage(train, kind))
     assert mode.calls == []
 
 
-def test_the_counter_sees_a_read(data, tiny_llm_dir, monkeypatch):
+def test_the_counter_sees_a_read(one_stage, monkeypatch):
     """The check can fail: a loss read back inside the step is recorded."""
     from vistune.train.vlm import VLMObjective
 
@@ -135,5 +100,5 @@ def test_the_counter_sees_a_read(data, tiny_llm_dir, monkeypatch):
 
     monkeypatch.setattr(VLMObjective, "forward", reading)
     mode = HostReads()
-    _steps_under(mode, _stage_cfg(data, tiny_llm_dir, ["projector"]), steps=1)
+    _steps_under(mode, one_stage(["projector"]), steps=1)
     assert "__float__" in mode.calls

@@ -67,6 +67,10 @@ class VLMObjective(nn.Module):
             stage.data, model.tokenizer, model.image_tokens, stage.max_length, stage.on_bad_record
         )
         self._lengths = tuple(len(s.input_ids) for s in self.data.samples)
+        if stage.gradient_checkpointing:
+            # non-reentrant: gradients reach LoRA adapters and image features even where the layer
+            # inputs (frozen embeddings) need none
+            model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.frozen = "vision" not in stage.train
         model.vision.train(not self.frozen)
         self.cache = self.frozen and (
@@ -162,3 +166,5 @@ class VLMObjective(nn.Module):
     def finish(self) -> None:
         if isinstance(self.model.llm, PeftModel):
             self.model.llm = self.model.llm.merge_and_unload()
+        if self.model.llm.is_activation_checkpointing:
+            self.model.llm.activation_checkpointing_disable()  # later stages and inference keep activations
