@@ -16,7 +16,7 @@ def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, tiny_llm_dir, cap
         "--set", f"model.llm.name_or_path={tiny_llm_dir}",
         "--set", "model.vision.resnet_widths=[8, 16]",
         "--set", "stages.0.epochs=1", "--set", "stages.0.batch_size=8",
-        "--set", "stages.1.max_steps=2", "--set", "stages.1.batch_size=4",
+        "--set", "stages.1.max_steps=2", "--set", "stages.1.batch_size=4", "--set", "stages.1.grad_accum=1",
         "--set", "stages.1.data.1.limit=8",
     ]  # fmt: skip
     assert main_quickstart(args) == 0
@@ -24,6 +24,7 @@ def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, tiny_llm_dir, cap
     for split in ("test", "compositional"):
         vqa = summary["vqa"][split]
         assert vqa["n"] == 4 and 0.0 <= vqa["exact_match"] <= 1.0
+    assert 0.1 < summary["peak_memory_gb"] < 24  # this process and its data workers, read from the OS
     printed = capsys.readouterr().out
     assert (
         "exact-match accuracy on held-out single-turn VQA" in printed and "examples (test split)" in printed

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -78,11 +79,18 @@ def main_quickstart(argv: list[str] | None = None) -> int:
                     "eval": round(time.perf_counter() - started - data_time - train_time, 1),
                     "total": round(time.perf_counter() - started, 1)},
         "vqa": {split: results[split]["vqa"] for split in ("test", "compositional")},
+        "peak_memory_gb": round(peak_memory_gb(), 2),
         "model": str(model_dir),
     }  # fmt: skip
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print_summary(summary, out)
     return 0
+
+
+def peak_memory_gb() -> float:
+    """The largest resident memory of this process or any of its finished children (data workers), GB."""
+    usage = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return max(usage) * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, batch_size: int, limit: int | None) -> dict:
@@ -108,7 +116,7 @@ def print_summary(summary: dict, out: Path) -> None:
         question = row["prompt"].replace("<image>", "").strip().splitlines()[0]
         print(f"  [{'ok ' if row.get('correct') else 'bad'}] {question}")
         print(f"        model: {row['answer']!r}   reference: {row['references'][0]!r}")
-    print(f"\ntimes (s): {summary['seconds']}; run dir: {out}")
+    print(f"\ntimes (s): {summary['seconds']}; peak memory {summary['peak_memory_gb']} GB; run dir: {out}")
 
 
 def _cell(value: float | None, width: int) -> str:

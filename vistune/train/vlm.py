@@ -70,7 +70,9 @@ class VLMObjective(nn.Module):
         if stage.gradient_checkpointing:
             # non-reentrant: gradients reach LoRA adapters and image features even where the layer
             # inputs (frozen embeddings) need none
-            model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.llm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         self.frozen = "vision" not in stage.train
         model.vision.train(not self.frozen)
         self.cache = self.frozen and (
