@@ -6,26 +6,59 @@ gradients plus 2 x trainable params for weight gradients. The vision tower count
 LLM's output layer counts only where the loss is computed (vistune computes logits only there).
 
     python benchmarks/train_throughput.py --data DIR [--steps 5] [--batch-size 16]
+    python benchmarks/train_throughput.py --data DIR --baseline [--steps 50] [--batch-size 16]
 
 DIR is a shapes world (`vistune data synth --out DIR --train 400 --val 0 --test 0 --compositional 0`).
+
+`--baseline` compares vistune's loop with a plain transformers one. The quickstart's ResNet tower and
+object_words projector have no LLaVA form, so both sides train a quickstart-sized model that has one: a
+from-scratch CLIP tower (64 px, 8 px patches: 64 image tokens), the `mlp2x_gelu` projector and
+SmolLM2-135M-Instruct, as LLaVA's stage 2 (projector and LLM learn, tower frozen) on the quickstart's
+instruct data (max_length 192 cuts nothing). vistune runs `open_run` + `fit` (feature cache, logits
+only at answer tokens); the baseline is `LlavaForConditionalGeneration` from the same initial weights
+(`to_hf_llava`), pad-to-longest batches with the tower run on every image, logits everywhere, HF's
+loss, AdamW (same groups), cosine schedule and clipping, on the same records in vistune's order.
+Timing leaves out step 0 of each side (warm-up) and counts every later step in full: batch building
+and, for vistune, the tower pass of each image seen for the first time (with 50 steps on a large world
+most images are new, so the cache saves little here). The first 50 losses must agree within LOSS_RTOL
+(relative); they differ at all only through float summation order (one-image vs batched tower passes,
+logits on some vs all rows, fused vs plain AdamW, the order of the grad-norm sum). Under bf16
+autocast (CUDA) the tolerance is BF16_RTOL.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import resource
+import tempfile
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import LlavaForConditionalGeneration, get_cosine_schedule_with_warmup
 
-from vistune.config import load_config
-from vistune.model.template import IGNORE
-from vistune.model.vlm import build_vlm
+from vistune.config import ModelConfig, ProjectorConfig, Stage, VisionConfig, load_config
+from vistune.data.images import load_image
+from vistune.interop.llava import to_hf_llava
+from vistune.model.vlm import VLM, build_vlm
 from vistune.shapes.quickstart import RECIPE
+from vistune.train.conversations import collate
 from vistune.train.kinds import build_objective
+from vistune.train.loop import fit, open_run
 from vistune.train.objective import StageContext
+from vistune.train.order import batch_indices
 from vistune.train.trainable import set_trainable
+from vistune.train.vlm import VLMObjective
+
+LOSS_RTOL = 1e-4  # fp32 (CPU): measured 2e-6 over 50 steps of batch 16 (see the module docstring)
+BF16_RTOL = 3e-2  # bf16 autocast (CUDA): an estimate, not yet measured
+COMPARED = 50  # the first this many losses are compared
+Steps = list[tuple[float, float]]  # (loss, seconds) of each step
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -39,8 +72,8 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def stage_flops(model, stage, batch: dict) -> float:
-    """Model FLOPs of one step on `batch` for this stage's trainable set."""
+def stage_flops(model, stage, batch: dict, labelled: int) -> float:
+    """Model FLOPs of one step on `batch` (with `labelled` loss targets) for this stage's trainable set."""
     vision_params = sum(p.numel() for p in model.vision.parameters())
     vision_tokens = model.vision.num_tokens
     if stage.kind == "scene":
@@ -51,12 +84,11 @@ def stage_flops(model, stage, batch: dict) -> float:
     body = sum(p.numel() for p in llm.parameters()) - embed  # tied head: the embedding matrix once
     trainable = sum(p.numel() for p in llm.parameters() if p.requires_grad)
     tokens = int(batch["attention_mask"].sum())
-    labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
     per_token = 2 * body + 2 * body + 2 * trainable  # forward, activation grads, weight grads
     head = 6 * embed * labelled
-    cached = "vision_features" in batch
-    images = (batch.get("vision_features") if cached else batch.get("pixel_values")).shape[0]
-    vision = 0 if cached else 2 * vision_params * vision_tokens * images
+    # the tower runs on every image, or with the feature cache only on those it has not seen yet
+    images = len(batch["new_images"]) if "new_images" in batch else len(batch.get("pixel_values", ()))
+    vision = 2 * vision_params * vision_tokens * images
     return per_token * tokens + head + vision
 
 
@@ -74,7 +106,7 @@ def bench_stage(model, stage, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if step:
             times.append(time.perf_counter() - start)
-            flops += stage_flops(model, stage, batch)
+            flops += stage_flops(model, stage, batch, task.count(batch))
             samples += size
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
     task.finish()
@@ -82,12 +114,167 @@ def bench_stage(model, stage, steps: int) -> dict:
     return {"samples/s": samples / seconds, "tokens/s": tokens / seconds, "FLOP/s": flops / seconds}
 
 
+def baseline_setup(data: str, batch_size: int, steps: int) -> tuple[ModelConfig, Stage]:
+    """The LLaVA-exportable quickstart-sized model and its LLaVA stage-2 stage on the instruct data."""
+    cfg = load_config(RECIPE, [f"data_root={data}", "out=/tmp/vistune-bench"])
+    tower = VisionConfig(kind="clip", image_size=64, patch_size=8)
+    model = replace(cfg.model, vision=tower, projector=ProjectorConfig(name="mlp2x_gelu"))
+    stage = Stage(name="instruct", data=cfg.stages[-1].data, train=["projector", "llm"], lr=2e-5,
+                  warmup_ratio=0.0, max_steps=steps, batch_size=batch_size, max_length=192)  # fmt: skip
+    return model, stage
+
+
+def run_vistune(model: VLM, stage: Stage, seed: int, run_dir: Path) -> tuple[VLMObjective, Steps, float]:
+    """Train with vistune's own loop: the objective, (loss, seconds) per step from metrics.jsonl, and the
+    seconds from step 1's batch to the stage's end (see `stamp`)."""
+    run = open_run(run_dir, seed, save_every=10**9)
+    objective = build_objective(stage, model, run.context())
+    stamps = stamp(objective)
+    fit(objective, stage, run, 0, keep=model)
+    run.log.close()
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = sorted((r for r in map(json.loads, lines) if "step" in r), key=lambda r: r["step"])
+    steps = [(math.inf if r["loss"] is None else r["loss"], r["seconds"]) for r in rows]
+    return objective, steps, stamps[-1] - stamps[1]
+
+
+def stamp(objective: VLMObjective) -> list[float]:
+    """Clock readings as the loop calls the objective's `batch` (a step's start) and `finish` (the end).
+
+    The loop reads the device back only every few steps; its last read-back comes before `finish`, and
+    the device is synchronised here too, so the last reading counts all queued work."""
+    stamps: list[float] = []
+    batch, finish = objective.batch, objective.finish
+
+    def stamped_batch(indices: list[int]) -> dict:
+        stamps.append(time.perf_counter())
+        return batch(indices)
+
+    def stamped_finish() -> None:
+        if objective.device.type == "cuda":
+            torch.cuda.synchronize(objective.device)
+        stamps.append(time.perf_counter())
+        finish()
+
+    objective.batch, objective.finish = stamped_batch, stamped_finish  # on the instance: the loop calls these
+    return stamps
+
+
+def step_indices(objective: VLMObjective, stage: Stage, seed: int) -> list[list[int]]:
+    """The records of every step as vistune's loop takes them (stage 0 of one process: seed + 0)."""
+    n, lengths = len(objective), objective.lengths()
+    return [batch_indices(n, seed, step, 0, 0, 1, stage, lengths) for step in range(stage.max_steps)]
+
+
+def hf_batch(objective: VLMObjective, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad-to-longest ids, mask and labels (-100 at padding) and every image's pixels."""
+    batch = collate([objective.data[i] for i in indices], objective.model.tokenizer.pad_token_id)
+    images = batch.pop("images")
+    if images:
+        batch["pixel_values"] = objective.model.vision.preprocess([load_image(p) for p in images])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_baseline(
+    hf: LlavaForConditionalGeneration,
+    objective: VLMObjective,
+    stage: Stage,
+    order: list[list[int]],
+    bf16: bool,
+) -> Steps:
+    """A plain step per batch: HF's mean loss, backward, clipping, AdamW, cosine schedule."""
+    hf.to(objective.device).train()
+    hf.model.vision_tower.eval()  # as vistune runs a frozen tower
+    llm = [*hf.model.language_model.parameters(), *hf.lm_head.parameters()]
+    parts = {  # vistune's parts, so set_trainable makes the same AdamW groups
+        "vision": list(hf.model.vision_tower.parameters()),
+        "projector": list(hf.model.multi_modal_projector.parameters()),
+        "llm": list(dict.fromkeys(llm)),  # a tied head is the embedding matrix: once
+    }
+    groups = set_trainable(hf, parts, stage)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+    warmup = math.ceil(stage.warmup_ratio * len(order))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, len(order))
+    out = []
+    for indices in order:
+        start = time.perf_counter()
+        batch = hf_batch(objective, indices, objective.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
+            loss = hf(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append((loss.item(), time.perf_counter() - start))  # .item() syncs: the timer is honest on CUDA
+    return out
+
+
+def report(
+    seconds: dict[str, float],
+    losses: list[list[float]],
+    lengths: Sequence[int],
+    order: list[list[int]],
+    rtol: float,
+) -> None:
+    """Throughput of each side over steps 1.., the padding, the loss agreement and the ratio."""
+    tokens = [sum(lengths[i] for i in ids) for ids in order]
+    padded = [len(ids) * max(lengths[i] for i in ids) for ids in order]
+    timed = len(order) - 1
+    samples = sum(len(ids) for ids in order[1:])
+    print(f"{'':<10}{'samples/s':>10}{'tokens/s':>10}{'s/step':>8}  (steps 1..{timed}; step 0 warms up)")
+    rate = {name: samples / s for name, s in seconds.items()}
+    for name, s in seconds.items():
+        print(f"{name:<10}{rate[name]:>10.2f}{sum(tokens[1:]) / s:>10.0f}{s / timed:>8.2f}")
+    print(f"padding: {1 - sum(tokens) / sum(padded):.1%} of the batches' tokens (pad to longest)")
+    pairs = list(zip(*losses, strict=True))
+    diff = max(abs(a - b) for a, b in pairs)
+    rel = max(abs(a - b) / abs(b) for a, b in pairs)
+    verdict = "PASS" if rel <= rtol else "FAIL"
+    print(f"losses 0..{len(pairs) - 1}: max |diff| {diff:.1e}, max rel {rel:.1e} (rtol {rtol:g}): {verdict}")
+    print(f"baseline ratio: {rate['vistune'] / rate['baseline']:.1f}x")
+
+
+def main_baseline(args: argparse.Namespace) -> None:
+    """vistune's loop against the transformers baseline, from the same weights on the same batches."""
+    model_cfg, stage = baseline_setup(args.data, args.batch_size, args.steps)
+    torch.manual_seed(args.seed)  # the new tower and projector: the same initial weights every run
+    model = build_vlm(model_cfg)
+    hf = to_hf_llava(model)  # before training: the same initial weights
+    for t in [*hf.parameters(), *hf.buffers()]:
+        t.data = t.data.clone()  # its own copies: vistune trains the tensors they share in place
+    with tempfile.TemporaryDirectory(prefix="vistune-baseline-") as tmp:
+        objective, ours, our_seconds = run_vistune(model, stage, args.seed, Path(tmp))
+    device = objective.device
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()  # as vistune's accelerator
+    order = step_indices(objective, stage, args.seed)
+    theirs = run_baseline(hf, objective, stage, order, bf16)
+    print(f"device {device} ({'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} threads); "
+          f"{len(objective)} records, batch {stage.batch_size}, {len(order)} steps")  # fmt: skip
+    if args.verbose:
+        for step, ((a, s), (b, t)) in enumerate(zip(ours, theirs, strict=True)):
+            print(f"  step {step:>3}  loss {a:.6f} {b:.6f}  seconds {s:.2f} {t:.2f}")
+    timed = {"vistune": our_seconds, "baseline": sum(s for _, s in theirs[1:])}
+    losses = [[loss for loss, _ in side[:COMPARED]] for side in (ours, theirs)]
+    report(timed, losses, objective.lengths(), order, BF16_RTOL if bf16 else LOSS_RTOL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a shapes-world directory")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, help="default: 5, with --baseline 50")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--baseline", action="store_true", help="compare with transformers' LLaVA")
+    parser.add_argument("--seed", type=int, default=0, help="--baseline: the run's seed")
+    parser.add_argument("--verbose", action="store_true", help="--baseline: print every step's losses")
     args = parser.parse_args()
+    if args.baseline:
+        args.steps = args.steps or COMPARED
+        if args.steps < 2:
+            parser.error("--baseline times steps 1..: give --steps 2 or more")
+        return main_baseline(args)
+    args.steps = args.steps or 5
     cfg = load_config(RECIPE, [f"data_root={args.data}", "out=/tmp/vistune-bench"])
     peak = matmul_peak()
     print(f"fp32 matmul peak here: {peak / 1e9:.1f} GFLOP/s, threads {torch.get_num_threads()}")
