@@ -72,8 +72,9 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def stage_flops(model, stage, batch: dict, labelled: int) -> float:
-    """Model FLOPs of one step on `batch` (with `labelled` loss targets) for this stage's trainable set."""
+def stage_flops(model, stage, batch: dict, labelled: int, tokens: int) -> float:
+    """Model FLOPs of one step on `batch` (`tokens` real tokens, `labelled` loss targets) for this stage's
+    trainable set."""
     vision_params = sum(p.numel() for p in model.vision.parameters())
     vision_tokens = model.vision.num_tokens
     if stage.kind == "scene":
@@ -83,7 +84,6 @@ def stage_flops(model, stage, batch: dict, labelled: int) -> float:
     embed = llm.get_input_embeddings().weight.numel()
     body = sum(p.numel() for p in llm.parameters()) - embed  # tied head: the embedding matrix once
     trainable = sum(p.numel() for p in llm.parameters() if p.requires_grad)
-    tokens = int(batch["attention_mask"].sum())
     per_token = 2 * body + 2 * body + 2 * trainable  # forward, activation grads, weight grads
     head = 6 * embed * labelled
     # the tower runs on every image, or with the feature cache only on those it has not seen yet
@@ -98,7 +98,10 @@ def bench_stage(model, stage, steps: int) -> dict:
     size = stage.batch_size
     times, flops, samples, tokens = [], 0.0, 0, 0
     for step in range(steps + 1):  # step 0 warms up (and fills the feature cache): not timed
-        batch = task.batch([(step * size + k) % len(task) for k in range(size)])
+        indices = [(step * size + k) % len(task) for k in range(size)]
+        batch = task.batch(indices)
+        lengths = task.lengths()  # per record (vlm stages); batches carry no attention mask
+        real = sum(lengths[i] for i in indices) if lengths else 0
         start = time.perf_counter()
         loss = task(batch) / max(task.count(batch), 1)
         loss.backward()
@@ -106,9 +109,9 @@ def bench_stage(model, stage, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if step:
             times.append(time.perf_counter() - start)
-            flops += stage_flops(model, stage, batch, task.count(batch))
+            flops += stage_flops(model, stage, batch, task.count(batch), real)
             samples += size
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            tokens += real
     task.finish()
     seconds = sum(times)
     return {"samples/s": samples / seconds, "tokens/s": tokens / seconds, "FLOP/s": flops / seconds}
