@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -18,6 +19,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase  # noqa: E402
 
 from vistune.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
+from vistune.shapes.synth import synthesize  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -96,5 +98,48 @@ def tiny_vlm(tiny_model_config):
     def make(kind: str = "clip", projector: str = "mlp2x_gelu", seed: int = 0, **kwargs):
         torch.manual_seed(seed)
         return build_vlm(tiny_model_config(kind, projector, **kwargs)).eval()
+
+    return make
+
+
+# The training tests' tiny shapes world and one-stage configs on it.
+KIND_DATA = {
+    "vlm": {"path": "train/conversations.json", "image_root": "images"},
+    "scene": {"path": "scenes/train.jsonl", "image_root": "images"},
+    "classify": {"path": "imagefolder/train"},
+    "contrastive": {"path": "train/pairs.jsonl", "image_root": "images"},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """Six training scenes with every file a stage kind reads (ImageFolder included)."""
+    root = tmp_path_factory.mktemp("tiny-world") / "data"
+    synthesize(root, sizes={"train": 6, "val": 0, "test": 0, "compositional": 0}, workers=1, imagefolder=True)
+    return root
+
+
+@pytest.fixture
+def one_stage(tiny_world, tiny_llm_dir) -> Callable[..., dict]:
+    """`one_stage(train, kind="vlm", **stage)`: a raw config of one stage of `kind` on the tiny world,
+    a tiny CLIP tower, `mlp2x_gelu` and the tiny LLM (also the contrastive text tower)."""
+
+    def make(train: list[str], kind: str = "vlm", **settings) -> dict:
+        vision = {"kind": "clip", "image_size": 16, "patch_size": 4, "hidden_size": 16, "num_layers": 1,
+                  "num_heads": 2, "intermediate_size": 32}  # fmt: skip
+        stage = {"name": "s", "kind": kind, "train": train, "batch_size": 2, "grad_accum": 2, "max_steps": 2,
+                 "max_length": 128, "lr": 0.01, "lora_rank": 4, "data": [KIND_DATA[kind]]}  # fmt: skip
+        if kind == "contrastive":
+            stage |= {"text_tower": str(tiny_llm_dir), "max_length": 32, "chunk_size": 2, "grad_accum": 1,
+                      "batch_size": 4}  # fmt: skip
+        return {
+            "data_root": str(tiny_world),
+            "model": {
+                "vision": vision,
+                "projector": {"name": "mlp2x_gelu"},
+                "llm": {"name_or_path": str(tiny_llm_dir), "chat_template": "chatml"},
+            },
+            "stages": [stage | settings],
+        }
 
     return make
