@@ -3,26 +3,25 @@
     python benchmarks/train_memory.py --data DIR [--batch-size 4] [--grad-accum 4] [--steps 4]
 
 DIR is a shapes world (`vistune data synth --out DIR`). The stage runs through vistune's own loop
-(`open_run` + `fit`) with an untrained tower (memory and speed do not depend on what it learned); the
-figure is the process's peak resident memory, so run one split per process.
+(`train_throughput.run_vistune`: `open_run` + `fit`) with an untrained tower (memory and speed do not
+depend on what it learned); the figure is the process's peak resident memory, so run one split per
+process.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 from pathlib import Path
 
 import torch
+from train_throughput import run_vistune  # the sibling script: vistune's loop on one stage
 
 from vistune.config import load_config
 from vistune.extensions import load_extensions
 from vistune.model.vlm import build_vlm
 from vistune.shapes.quickstart import RECIPE
-from vistune.train.kinds import build_objective
-from vistune.train.loop import fit, open_run
 
 
 def main() -> None:
@@ -39,11 +38,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_vlm(cfg.model)
     with tempfile.TemporaryDirectory() as tmp:
-        run = open_run(Path(tmp) / "run", 0, save_every=10**9, log_every=1)
-        fit(build_objective(stage, model, run.context()), stage, run, 0, keep=model)
-        run.log.close()
-        rows = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    seconds = [r["seconds"] for r in rows if "step" in r][1:]  # step 0 fills the feature cache
+        _, steps, _ = run_vistune(model, stage, 0, Path(tmp) / "run")
+    seconds = [sec for _, sec in steps][1:]  # step 0 fills the feature cache
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(
         f"instruct stage, {args.batch_size} x {args.grad_accum} records per step: peak memory {peak:.2f} GB, "
