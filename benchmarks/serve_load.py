@@ -11,8 +11,10 @@ cache does not flatter the figures), until T seconds have passed; requests still
 Prints requests/s, completion tokens/s, p50/p95/p99 of latency and time to first token (TTFT), errors by
 status, and the server's resident memory before, during (max) and after the load. `--one-by-one` runs
 the same load against a second server with `--max-batch 1` and prints the batched/one-by-one throughput
-ratio. `--follow-ups K` (default 5, no other load) times K first turns about new images against K
-follow-up turns about the same images (served from the feature cache) and prints the TTFT ratio.
+ratio. `--follow-ups K` (default 5, no other load) times K conversations of `--turns` turns (default 3):
+the first turn about a new image, the last follow-up about the same image (its features and the
+conversation's keys and values cached), and that follow-up again with new image bytes (recomputed),
+and prints the TTFT ratios.
 """
 
 from __future__ import annotations
@@ -195,26 +197,27 @@ def summarize(results: list[Result], elapsed: float) -> dict:
 
 
 def follow_ups(args, url: str, jpeg: bytes) -> dict:
-    """Median TTFT, one request at a time, of: a first turn about a new image; the follow-up turn about the
-    same image (its features cached); and the same follow-up with new image bytes (the cache missed)."""
+    """Median TTFT, one request at a time, of: a first turn about a new image; the last follow-up of a
+    conversation of `--turns` turns about the same image (its features and the conversation's keys and
+    values cached); and that follow-up with new image bytes (nothing cached: recomputed)."""
     first, cached, uncached = [], [], []
     for k in range(args.follow_ups):
-        turn = image_message(unique(jpeg, 10**8 + k), QUESTIONS[0])  # bytes the server has not seen
-        one = stream_chat(url, args.api_key, args.model_name, [turn], args.max_tokens)
-        history = [
-            turn,
-            {"role": "assistant", "content": one.text},
-            {"role": "user", "content": QUESTIONS[1]},
-        ]
-        two = stream_chat(url, args.api_key, args.model_name, history, args.max_tokens)
+        history = [image_message(unique(jpeg, 10**8 + k), QUESTIONS[0])]  # bytes the server has not seen
+        turns = [stream_chat(url, args.api_key, args.model_name, history, args.max_tokens)]
+        for t in range(1, args.turns):
+            history += [
+                {"role": "assistant", "content": turns[-1].text},
+                {"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]},
+            ]
+            turns.append(stream_chat(url, args.api_key, args.model_name, history, args.max_tokens))
         history[0] = image_message(unique(jpeg, 2 * 10**8 + k), QUESTIONS[0])
         control = stream_chat(url, args.api_key, args.model_name, history, args.max_tokens)
-        if all(r.status == 200 and r.ttft for r in (one, two, control)):
-            first.append(one.ttft)
-            cached.append(two.ttft)
+        if all(r.status == 200 and r.ttft for r in (*turns, control)):
+            first.append(turns[0].ttft)
+            cached.append(turns[-1].ttft)
             uncached.append(control.ttft)
     figures = {"pairs": len(first), "first": _pct(first, 50), "follow_up": _pct(cached, 50)}
-    return figures | {"follow_up_uncached": _pct(uncached, 50)}
+    return figures | {"follow_up_uncached": _pct(uncached, 50), "turns": args.turns}
 
 
 @contextmanager
@@ -228,6 +231,8 @@ def started_server(args, max_batch: int):
     command += ["--served-model-name", args.model_name] + (
         ["--threads", str(args.threads)] if args.threads else []
     )
+    if args.prefix_cache_mb is not None:
+        command += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -298,7 +303,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--one-by-one", action="store_true", help="also run the load with --max-batch 1; print the ratio"
     )
-    p.add_argument("--follow-ups", type=int, default=5, help="first-turn/follow-up TTFT pairs (0: skip)")
+    p.add_argument(
+        "--follow-ups", type=int, default=5, help="conversations timed for follow-up TTFT (0: skip)"
+    )
+    p.add_argument("--turns", type=int, default=3, help="turns of each timed conversation (at least 2)")
+    p.add_argument("--prefix-cache-mb", type=float, help="of the server started here (default: the server's)")
     p.add_argument("--text-only", action="store_true", help="questions without images (for a plain LLM)")
     p.add_argument("--json", help="also write the figures to this file")
     return p
@@ -306,11 +315,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def report_follow_ups(f: dict) -> None:
     first, cached, uncached = (f[key] * 1000 for key in ("first", "follow_up", "follow_up_uncached"))
-    print(f"\n[follow-up turns, {f['pairs']} pairs, one at a time] TTFT p50:")
+    print(f"\n[follow-up turns, {f['pairs']} conversations of {f['turns']} turns, one at a time] TTFT p50:")
+    print(f"  first turn {first:.0f} ms; turn {f['turns']}, image and prefix cached {cached:.0f} ms")
     print(
-        f"  first turn {first:.0f} ms; follow-up, image cached {cached:.0f} ms ({first / cached:.2f}x faster)"
+        f"  the same turn with new image bytes (recomputed): {uncached:.0f} ms; "
+        f"reuse is {uncached / cached:.2f}x faster than recomputing ({first / cached:.2f}x the first turn)"
     )
-    print(f"  the same follow-up with new image bytes (not cached): {uncached:.0f} ms")
 
 
 def main() -> None:
@@ -321,6 +331,8 @@ def main() -> None:
         raise SystemExit("loopback only: --url must point at this machine (127.0.0.1)")
     if args.one_by_one and args.url:
         raise SystemExit("--one-by-one starts its own servers: give MODEL")
+    if args.turns < 2:
+        raise SystemExit("--turns must be at least 2: a first turn and a follow-up")
     width, height = map(int, args.image_size.split("x"))
     jpeg = photo_jpeg(width, height)
     print(f"{args.clients} clients x {args.seconds:g} s, max_tokens {args.max_tokens}, {width}x{height} JPEG "

@@ -357,6 +357,10 @@ def test_flags_become_the_config(monkeypatch):
     config = config_from_args(args)
     assert config.api_key == "from-env" and config.model_name == "m" and config.allow_remote_images
     assert config.max_body_bytes == 2**20 and config.max_wait_s == 0.025 and config.max_images == 8
+    assert config.prefix_cache_bytes == 256 * 2**20
+    assert config_from_args(_parser().parse_args(["m", "--prefix-cache-mb", "0"])).prefix_cache_bytes == 0
+    with pytest.raises(ValueError, match="prefix_cache_bytes must be >= 0"):
+        config_from_args(_parser().parse_args(["m", "--prefix-cache-mb", "-1"]))
     args = _parser().parse_args(["m", "--api-key", "k", "--served-model-name", "shown", "--max-batch", "0"])
     with pytest.raises(ValueError, match="max_batch must be at least 1"):
         config_from_args(args)

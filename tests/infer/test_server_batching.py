@@ -111,7 +111,7 @@ def test_requests_that_arrive_together_share_one_generate_call(gen, calls):
 
 
 def test_a_follow_up_turn_reuses_the_image_features(gen, calls):
-    app, server = _server(gen)
+    app, server = _server(gen, prefix_cache_bytes=0)  # features alone (the prefix would hold the image)
     with server as url:
         client = _client(url)
         first = [user("What colour?", image_part(BLUE))]

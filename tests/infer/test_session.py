@@ -49,7 +49,8 @@ def calls(monkeypatch):
 
     def recording_generate(self, conversations, images=None, **kwargs):
         rows = [_colours(row) for row in images or []]
-        log["generate"].append({"turns": [list(c) for c in conversations], "images": rows})
+        reuse = kwargs.get("prefixes") is not None
+        log["generate"].append({"turns": [list(c) for c in conversations], "images": rows, "reuse": reuse})
         return generate(self, conversations, images, **kwargs)
 
     monkeypatch.setattr(Session, "ask", recording_ask)
@@ -105,6 +106,15 @@ def test_images_attach_to_the_next_message_and_the_conversation_continues(
     assert calls["generate"][1]["turns"][0][-1] == Turn("user", "second", 0)
     assert calls["generate"][1]["images"] == [[RED, BLUE]]  # the session's images travel with every turn
     assert _printed_replies(capsys.readouterr().out) == [first_reply, asks[1]["reply"]]
+
+
+def test_prefix_reuse_is_on_by_default_and_gives_the_same_replies(monkeypatch, capsys, calls, model_dir):
+    typed = f"/image {model_dir.parent / 'red.png'}\nwhat colour?\nare you sure?\nand now?\n"
+    assert _chat(monkeypatch, model_dir, typed) == 0
+    with_reuse = _printed_replies(capsys.readouterr().out)
+    assert _chat(monkeypatch, model_dir, typed, "--prefix-cache-mb", "0") == 0
+    assert _printed_replies(capsys.readouterr().out) == with_reuse
+    assert [g["reuse"] for g in calls["generate"]] == [True] * 3 + [False] * 3
 
 
 def test_exit_and_end_of_input_leave(monkeypatch, calls, model_dir):
@@ -175,6 +185,9 @@ def test_session_reply_is_the_greedy_answer(generator):
 def test_a_failed_generation_leaves_the_session_as_it_was():
     class Failing:
         tokenizer = None
+
+        def prefix_cache(self, max_bytes):
+            return None
 
         def generate(self, *args, **kwargs):
             raise RuntimeError("out of memory")

@@ -83,6 +83,7 @@ class Rows(StoppingCriteria):
         self.ids: list[list[int]] = [[] for _ in jobs]
         self.sent = [""] * len(jobs)
         self.finished: list[str | None] = [None] * len(jobs)
+        self.taken = [0] * len(jobs)  # tokens each row took from `generate`, its last one included
         self.tokens = self.cancelled = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
@@ -99,6 +100,7 @@ class Rows(StoppingCriteria):
             self.cancelled += 1
             return
         self.tokens += 1
+        self.taken[i] += 1
         if token in self.eos:
             return self._finish(i, "stop", self._text(i).rstrip(), 1)
         self.ids[i].append(token)
@@ -124,6 +126,14 @@ class Rows(StoppingCriteria):
         self._send(i, text)
         self.finished[i] = reason
         self.jobs[i].emit(Done(reason, len(self.ids[i]) + extra_tokens))
+
+    def generated(self, output: torch.Tensor) -> list[list[int] | None]:
+        """Each row's own tokens in `generate`'s (B, T) output (what came after it finished is padding);
+        None for a cancelled row."""
+        return [
+            None if reason == "cancelled" else output[i, : self.taken[i]].tolist()
+            for i, reason in enumerate(self.finished)
+        ]
 
     def close(self) -> None:
         """After `generate`: a row still open ran into the batch's token limit (its own, at most)."""

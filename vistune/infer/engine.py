@@ -39,6 +39,7 @@ class ServeConfig:
     max_wait_s: float = 0.01
     max_queue: int = 128
     feature_cache_bytes: int = 256 * MB
+    prefix_cache_bytes: int = 256 * MB  # conversations' keys and values, reused by follow-ups; 0: off
     prepare_threads: int = 4  # requests whose images are fetched and decoded at the same time
 
     def __post_init__(self) -> None:
@@ -48,8 +49,14 @@ class ServeConfig:
                 raise ValueError(f"serve: {name} must be at least 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"serve: max_prompt_tokens must be at least 1, got {self.max_prompt_tokens}")
-        if self.max_wait_s < 0 or self.fetch_timeout_s <= 0 or self.feature_cache_bytes < 0:
-            raise ValueError("serve: max_wait_s and feature_cache_bytes must be >= 0, fetch_timeout_s > 0")
+        if (
+            min(self.max_wait_s, self.feature_cache_bytes, self.prefix_cache_bytes) < 0
+            or self.fetch_timeout_s <= 0
+        ):
+            raise ValueError(
+                "serve: max_wait_s, feature_cache_bytes and prefix_cache_bytes must be >= 0, "
+                "fetch_timeout_s > 0"
+            )
 
 
 @dataclass
@@ -68,10 +75,12 @@ class Engine:
         self.generator, self.config = generator, config
         self.context: int | None = getattr(generator.llm.config, "max_position_embeddings", None)
         self.cache = FeatureCache(config.feature_cache_bytes)
+        self.prefixes = generator.prefix_cache(config.prefix_cache_bytes)
         self.tokenizer_lock = threading.Lock()  # rendering here and decoding in the scheduler share it
         self.scheduler = Scheduler(
-            generator, self.cache, config.max_batch, config.max_wait_s, config.max_queue, self.tokenizer_lock
-        )
+            generator, self.cache, config.max_batch, config.max_wait_s, config.max_queue, self.tokenizer_lock,
+            self.prefixes,
+        )  # fmt: skip
         self.limits = ImageLimits(
             config.max_image_bytes,
             config.max_image_pixels,

@@ -10,6 +10,10 @@ Inside a batch each row is its own request, decoded and sampled by `vistune.infe
 
 Image features (the tower's output) are cached by the SHA-256 of the image bytes in a `FeatureCache`,
 an LRU bounded in bytes, so a follow-up turn about the same image neither decodes nor encodes it again.
+The language model's keys and values of each answered conversation are kept in a `PrefixCache`
+(`vistune.infer.prefix`), so a request that extends a conversation about the same images computes only
+its new tokens; in a batch, the rows share one reused start (the least of left padding plus reusable
+prefix over the rows), so a row without a prefix limits the others to its padding.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from vistune.infer.api import APIError
 from vistune.infer.decoding import Failed, Job, Rows, RowSampler
 from vistune.infer.generate import Generator
+from vistune.infer.prefix import PrefixCache
 
 log = logging.getLogger("vistune.serve")
 
@@ -83,14 +88,17 @@ class Scheduler:
         max_wait_s: float = 0.01,
         max_queue: int = 128,
         tokenizer_lock: threading.Lock | None = None,
+        prefixes: PrefixCache | None = None,
     ):
         self.generator, self.cache, self.max_batch, self.max_wait_s = generator, cache, max_batch, max_wait_s
+        self.prefixes = prefixes  # only this worker thread touches it
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._thread: threading.Thread | None = None
         self.running = 0
         self.batch_seconds = 1.0  # moving average, for the 429 retry hint
-        self.stats = {"batches": 0, "jobs": 0, "cancelled": 0, "largest_batch": 0, "tokens": 0}
+        self.stats = {"batches": 0, "jobs": 0, "cancelled": 0, "largest_batch": 0, "tokens": 0,
+                      "prompt_tokens": 0, "reused_tokens": 0}  # fmt: skip
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="vistune-scheduler", daemon=True)
@@ -160,23 +168,34 @@ class Scheduler:
         return live
 
     def _run(self, jobs: list[Job]) -> None:
-        features = self._features(jobs)
+        prompts = [job.prompt for job in jobs]
+        keys = [[item.key for item in job.images] for job in jobs]
+        plan = self.prefixes.plan(prompts, keys) if self.prefixes is not None else None
+        features = self._features(jobs, plan.images_reused if plan else [0] * len(jobs))
         rows = Rows(jobs, self.generator, self.tokenizer_lock)
-        self.generator.generate_ids(
-            [job.prompt for job in jobs], features, max(job.max_tokens for job in jobs),
+        output = self.generator.generate_ids(
+            prompts, features, max(job.max_tokens for job in jobs),
             logits_processor=LogitsProcessorList([RowSampler(jobs, rows)]),
-            stopping_criteria=StoppingCriteriaList([rows]),
+            stopping_criteria=StoppingCriteriaList([rows]), cache=plan.cache if plan else None,
         )  # fmt: skip
         rows.close()
+        if plan:
+            self.stats["reused_tokens"] += sum(plan.tokens_reused)
+            self.prefixes.remember(plan, prompts, keys, rows.generated(output))
+        self.stats["prompt_tokens"] += sum(map(len, prompts))
         self.stats["batches"] += 1
         self.stats["jobs"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         self.stats["tokens"] += rows.tokens
         self.stats["cancelled"] += rows.cancelled
 
-    def _features(self, jobs: list[Job]) -> torch.Tensor | None:
-        """(B_img, N, D) features of the batch's images in prompt order, encoding only the new ones."""
-        items = [item for job in jobs for item in job.images]
+    def _features(self, jobs: list[Job], reused: list[int]) -> torch.Tensor | None:
+        """(B_img, N, D) features of the batch's images in prompt order, encoding only the new ones;
+        without each job's first `reused[i]` images, whose tokens lie in a reused prefix."""
+        for job, skip in zip(jobs, reused, strict=True):
+            for item in job.images[:skip]:
+                item.image = None  # its keys and values are reused: neither features nor pixels needed
+        items = [item for job, skip in zip(jobs, reused, strict=True) for item in job.images[skip:]]
         pending: dict[str, Image.Image] = {}
         for item in items:
             if item.features is None:

@@ -260,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-tokens", type=int, default=1024, help="the most max_tokens a request may ask (default: 1024)")
     add("--max-prompt-tokens", type=int, help="prompt cap, images included (default: the model's context)")
     add("--feature-cache-mb", type=float, default=256.0, help="image-feature cache (default: 256)")
+    add("--prefix-cache-mb", type=float, default=256.0,
+        help="conversations' keys and values, reused by follow-ups (default: 256; 0: off)")  # fmt: skip
     add("--allow-remote-images", action="store_true", help="fetch http(s) image URLs, public addresses only")
     add("--fetch-timeout", type=float, default=10.0, help="seconds per remote image (default: 10)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -274,6 +276,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_prompt_tokens=args.max_prompt_tokens, allow_remote_images=args.allow_remote_images,
         fetch_timeout_s=args.fetch_timeout, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
         max_queue=args.max_queue, feature_cache_bytes=int(args.feature_cache_mb * MB),
+        prefix_cache_bytes=int(args.prefix_cache_mb * MB),
     )  # fmt: skip
 
 

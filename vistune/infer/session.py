@@ -1,48 +1,77 @@
 """`vistune chat MODEL --image PATH [--prompt TEXT]`: one answer, or an interactive multi-turn session.
 
 In a session, `/image PATH` attaches an image to your next message, `/reset` starts over and `/quit`
-(or end of input) leaves. Replies stream token by token.
+(or end of input) leaves. Replies stream token by token. Each follow-up turn reuses the keys and
+values of the conversation so far (`vistune.infer.prefix`): only the new message is read, and images
+already in the conversation are not encoded again.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 
 from PIL import Image
 from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from vistune.data.images import ImageError, load_image
 from vistune.data.records import IMAGE_PLACEHOLDER, Turn
 from vistune.infer.generate import Generator, load_generator
 
+MB = 2**20
+
 
 class Session:
-    """A multi-turn conversation: the turns so far and the images they refer to."""
+    """A multi-turn conversation: the turns so far, the images they refer to, and (with prefix reuse)
+    the keys and values of the conversation up to the last answer.
 
-    def __init__(self, generator: Generator, system: str | None = None):
+    `prefix_cache_bytes` caps the memory those keys and values may take (0: recompute every turn)."""
+
+    def __init__(self, generator: Generator, system: str | None = None, prefix_cache_bytes: int = 1024 * MB):
         self.generator = generator
         self.system = system
+        self.prefixes = generator.prefix_cache(prefix_cache_bytes)
         self.reset()
 
     def reset(self) -> None:
+        """Start over: no turns but the system prompt, no images, no kept keys and values."""
         self.turns: list[Turn] = [Turn("system", self.system)] if self.system else []
         self.images: list[Image.Image] = []
+        self.image_keys: list[str] = []  # one name per attached image, for prefix matching
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
-    def ask(self, text: str, images: list[Image.Image] = (), stream: bool = False, **sampling) -> str:
-        """Add a user turn (with its images' placeholders in front) and return the streamed reply.
+    def ask(
+        self,
+        text: str,
+        images: list[Image.Image] = (),
+        stream: bool = False,
+        streamer: BaseStreamer | None = None,
+        **sampling,
+    ) -> str:
+        """Add a user turn (with its images' placeholders in front) and return the reply.
 
+        `stream` prints the reply as it comes; `streamer` (instead) gets its token ids as they come.
         The turn and its images join the conversation only once the reply exists, so a failed
-        generation leaves the session as it was."""
+        generation leaves the session as it was (but for kept keys and values: the next turn may
+        recompute)."""
         content = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + text
         # The turn says how many images it holds: an `<image>` typed in any message stays text.
         turns, all_images = [*self.turns, Turn("user", content, len(images))], [*self.images, *images]
-        streamer = TextStreamer(self.generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        # A session's images never change once attached, so a fresh name per attachment is as exact as
+        # a content hash (`image_key`), which would cost ~130 ms on a 12-megapixel picture's first turn.
+        keys = [*self.image_keys, *(uuid.uuid4().hex for _ in images)] if self.prefixes is not None else None
+        if stream and streamer is None:
+            streamer = TextStreamer(self.generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = self.generator.generate(
-            [turns], [all_images], streamer=streamer if stream else None, **sampling
-        )[0]
+            [turns], [all_images], streamer=streamer, prefixes=self.prefixes,
+            image_keys=[keys] if keys is not None else None, **sampling,
+        )[0]  # fmt: skip
         self.turns, self.images = [*turns, Turn("assistant", reply)], all_images
+        self.image_keys = keys or []
         return reply
 
 
@@ -86,9 +115,14 @@ def main_chat(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=_number(float, 0), default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0, help="in (0, 1]")
     parser.add_argument("--max-new-tokens", type=_number(int, 1), default=128)
+    parser.add_argument(
+        "--prefix-cache-mb", type=_number(float, 0), default=1024.0,
+        help="memory for the conversation's keys and values, reused by each follow-up turn (0: recompute)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
-    session = Session(load_generator(args.model, batch_size=1), args.system)
+    generator = load_generator(args.model, batch_size=1)
+    session = Session(generator, args.system, int(args.prefix_cache_mb * MB))
     if args.image and session.generator.vlm is None:
         raise ValueError(
             f"{args.model}: a plain language model cannot take --image; give a vistune model dir"
