@@ -57,6 +57,7 @@ def main() -> None:
             chunk = scenes[i : i + args.batch_size]
             pixels = model.vision.preprocess([load_image(data / "images" / s["image"]) for s in chunk])
             for scene, text in zip(chunk, model.projector.read(model.vision(pixels)), strict=True):
+                text = text.split(": ", 1)[-1]  # a projector with `count` says the number first
                 read, want = (text.split(", ") if text else []), truth(scene, model.projector.bins)
                 exact += read == want
                 if len(read) == len(want):

@@ -5,8 +5,8 @@ FLOPs per token follow the usual accounting: 2 x params forward; backward 2 x pa
 gradients plus 2 x trainable params for weight gradients. The vision tower counts per patch token; the
 LLM's output layer counts only where the loss is computed (vistune computes logits only there).
 
-    python benchmarks/train_throughput.py --data DIR [--steps 5] [--batch-size 16]
-    python benchmarks/train_throughput.py --data DIR --baseline [--steps 50] [--batch-size 16]
+    python benchmarks/train_throughput.py --data DIR [--steps 5] [--batch-size 16] [--pack]
+    python benchmarks/train_throughput.py --data DIR --baseline [--steps 50] [--batch-size 16] [--pack]
 
 DIR is a shapes world (`vistune data synth --out DIR --train 400 --val 0 --test 0 --compositional 0`).
 
@@ -24,6 +24,9 @@ most images are new, so the cache saves little here). The first 50 losses must a
 (relative); they differ at all only through float summation order (one-image vs batched tower passes,
 logits on some vs all rows, fused vs plain AdamW, the order of the grad-norm sum). Under bf16
 autocast (CUDA) the tolerance is BF16_RTOL.
+
+`--pack` packs vistune's vlm micro-batches (`pack: true`: several records per row, rows of `max_length`
+tokens); both modes print the padding share of the batches (padded tokens over all tokens in them).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from vistune.data.images import load_image
 from vistune.interop.llava import to_hf_llava
 from vistune.model.vlm import VLM, build_vlm
 from vistune.shapes.quickstart import RECIPE
-from vistune.train.conversations import collate
+from vistune.train.conversations import collate, collate_packed
 from vistune.train.kinds import build_objective
 from vistune.train.loop import fit, open_run
 from vistune.train.objective import StageContext
@@ -96,7 +99,7 @@ def bench_stage(model, stage, steps: int) -> dict:
     task = build_objective(stage, model, StageContext(torch.device("cpu"), Path("/tmp/vistune-bench")))
     optimizer = torch.optim.AdamW(set_trainable(task, task.parts(), stage), lr=stage.lr)
     size = stage.batch_size
-    times, flops, samples, tokens = [], 0.0, 0, 0
+    times, flops, samples, tokens, slots = [], 0.0, 0, 0, 0
     for step in range(steps + 1):  # step 0 warms up (and fills the feature cache): not timed
         indices = [(step * size + k) % len(task) for k in range(size)]
         batch = task.batch(indices)
@@ -112,18 +115,23 @@ def bench_stage(model, stage, steps: int) -> dict:
             flops += stage_flops(model, stage, batch, task.count(batch), real)
             samples += size
             tokens += real
+            slots += batch["input_ids"].numel() if lengths else 0  # token positions, padding included
     task.finish()
     seconds = sum(times)
-    return {"samples/s": samples / seconds, "tokens/s": tokens / seconds, "FLOP/s": flops / seconds}
+    padding = 1 - tokens / slots if slots else 0.0
+    return {"samples/s": samples / seconds, "tokens/s": tokens / seconds, "FLOP/s": flops / seconds,
+            "padding": padding}  # fmt: skip
 
 
-def baseline_setup(data: str, batch_size: int, steps: int) -> tuple[ModelConfig, Stage]:
-    """The LLaVA-exportable quickstart-sized model and its LLaVA stage-2 stage on the instruct data."""
+def baseline_setup(data: str, batch_size: int, steps: int, pack: bool) -> tuple[ModelConfig, Stage]:
+    """The LLaVA-exportable quickstart-sized model and its LLaVA stage-2 stage on the instruct data
+    (`pack`: vistune packs its micro-batches)."""
     cfg = load_config(RECIPE, [f"data_root={data}", "out=/tmp/vistune-bench"])
     tower = VisionConfig(kind="clip", image_size=64, patch_size=8)
     model = replace(cfg.model, vision=tower, projector=ProjectorConfig(name="mlp2x_gelu"))
     stage = Stage(name="instruct", data=cfg.stages[-1].data, train=["projector", "llm"], lr=2e-5,
-                  warmup_ratio=0.0, max_steps=steps, batch_size=batch_size, max_length=192)  # fmt: skip
+                  warmup_ratio=0.0, max_steps=steps, batch_size=batch_size, max_length=192,
+                  pack=pack)  # fmt: skip
     return model, stage
 
 
@@ -142,16 +150,17 @@ def run_vistune(model: VLM, stage: Stage, seed: int, run_dir: Path) -> tuple[VLM
 
 
 def stamp(objective: VLMObjective) -> list[float]:
-    """Clock readings as the loop calls the objective's `batch` (a step's start) and `finish` (the end).
+    """Clock readings as the loop's host part calls the objective's batcher (a step's start: the loop
+    builds batches in the training process here, `workers: 0`) and `finish` (the end).
 
     The loop reads the device back only every few steps; its last read-back comes before `finish`, and
     the device is synchronised here too, so the last reading counts all queued work."""
     stamps: list[float] = []
-    batch, finish = objective.batch, objective.finish
+    batcher, finish = objective.batcher(), objective.finish
 
-    def stamped_batch(indices: list[int]) -> dict:
+    def stamped_batcher(indices: list[int]) -> dict:
         stamps.append(time.perf_counter())
-        return batch(indices)
+        return batcher(indices)
 
     def stamped_finish() -> None:
         if objective.device.type == "cuda":
@@ -159,7 +168,8 @@ def stamp(objective: VLMObjective) -> list[float]:
         stamps.append(time.perf_counter())
         finish()
 
-    objective.batch, objective.finish = stamped_batch, stamped_finish  # on the instance: the loop calls these
+    # on the instance: the loop calls these
+    objective.batcher, objective.finish = lambda: stamped_batcher, stamped_finish
     return stamps
 
 
@@ -214,14 +224,22 @@ def run_baseline(
     return out
 
 
+def packed_slots(objective: VLMObjective, order: list[list[int]], budget: int) -> int:
+    """Token positions (padding included) of vistune's packed rows of `budget` tokens over `order`."""
+    samples = objective.data.samples
+    return sum(collate_packed([samples[i] for i in ids], 0, budget)["input_ids"].numel() for ids in order)
+
+
 def report(
     seconds: dict[str, float],
     losses: list[list[float]],
     lengths: Sequence[int],
     order: list[list[int]],
     rtol: float,
+    packed: int | None = None,
 ) -> None:
-    """Throughput of each side over steps 1.., the padding, the loss agreement and the ratio."""
+    """Throughput of each side over steps 1.., the padding, the loss agreement and the ratio; `packed`:
+    the token positions of vistune's packed rows (`packed_slots`), when it packs."""
     tokens = [sum(lengths[i] for i in ids) for ids in order]
     padded = [len(ids) * max(lengths[i] for i in ids) for ids in order]
     timed = len(order) - 1
@@ -231,6 +249,8 @@ def report(
     for name, s in seconds.items():
         print(f"{name:<10}{rate[name]:>10.2f}{sum(tokens[1:]) / s:>10.0f}{s / timed:>8.2f}")
     print(f"padding: {1 - sum(tokens) / sum(padded):.1%} of the batches' tokens (pad to longest)")
+    if packed is not None:
+        print(f"padding, vistune packed: {1 - sum(tokens) / packed:.1%} of its rows' tokens")
     pairs = list(zip(*losses, strict=True))
     diff = max(abs(a - b) for a, b in pairs)
     rel = max(abs(a - b) / abs(b) for a, b in pairs)
@@ -241,7 +261,7 @@ def report(
 
 def main_baseline(args: argparse.Namespace) -> None:
     """vistune's loop against the transformers baseline, from the same weights on the same batches."""
-    model_cfg, stage = baseline_setup(args.data, args.batch_size, args.steps)
+    model_cfg, stage = baseline_setup(args.data, args.batch_size, args.steps, args.pack)
     torch.manual_seed(args.seed)  # the new tower and projector: the same initial weights every run
     model = build_vlm(model_cfg)
     hf = to_hf_llava(model)  # before training: the same initial weights
@@ -260,7 +280,8 @@ def main_baseline(args: argparse.Namespace) -> None:
             print(f"  step {step:>3}  loss {a:.6f} {b:.6f}  seconds {s:.2f} {t:.2f}")
     timed = {"vistune": our_seconds, "baseline": sum(s for _, s in theirs[1:])}
     losses = [[loss for loss, _ in side[:COMPARED]] for side in (ours, theirs)]
-    report(timed, losses, objective.lengths(), order, BF16_RTOL if bf16 else LOSS_RTOL)
+    packed = packed_slots(objective, order, stage.row_length) if args.pack else None
+    report(timed, losses, objective.lengths(), order, BF16_RTOL if bf16 else LOSS_RTOL, packed)
 
 
 def main() -> None:
@@ -271,6 +292,7 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="compare with transformers' LLaVA")
     parser.add_argument("--seed", type=int, default=0, help="--baseline: the run's seed")
     parser.add_argument("--verbose", action="store_true", help="--baseline: print every step's losses")
+    parser.add_argument("--pack", action="store_true", help="pack vistune's vlm micro-batches (pack: true)")
     args = parser.parse_args()
     if args.baseline:
         args.steps = args.steps or COMPARED
@@ -282,14 +304,23 @@ def main() -> None:
     peak = matmul_peak()
     print(f"fp32 matmul peak here: {peak / 1e9:.1f} GFLOP/s, threads {torch.get_num_threads()}")
     model = build_vlm(cfg.model)
-    print(f"{'stage':<10}{'samples/s':>10}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'peak RSS GB':>13}")
+    heads = (
+        ("samples/s", 10),
+        ("tokens/s", 10),
+        ("GFLOP/s", 9),
+        ("MFU", 7),
+        ("padding", 9),
+        ("peak RSS GB", 13),
+    )
+    print(f"{'stage':<10}" + "".join(f"{name:>{width}}" for name, width in heads))
     for stage in cfg.stages:
         stage.batch_size = args.batch_size
+        stage.pack = args.pack and stage.kind == "vlm"
         r = bench_stage(model, stage, args.steps)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(
             f"{stage.name:<10}{r['samples/s']:>10.1f}{r['tokens/s']:>10.0f}{r['FLOP/s'] / 1e9:>9.1f}"
-            f"{r['FLOP/s'] / peak:>7.1%}{rss:>13.2f}"
+            f"{r['FLOP/s'] / peak:>7.1%}{r['padding']:>9.1%}{rss:>13.2f}"
         )
 
 

@@ -459,7 +459,8 @@ def validate_cases() -> list[Case]:
 
 # --- data synth -------------------------------------------------------------------------------------------
 
-SMALL = ("--train", "1", "--val", "0", "--test", "0", "--compositional", "0", "--workers", "1")
+SMALL = ("--train", "1", "--val", "0", "--test", "0", "--compositional", "0", "--shifted", "0",
+         "--workers", "1")  # fmt: skip
 
 
 def _synth(name: str, needles: tuple[str, ...], prepare: Callable[[Path], Path], *args: str, **kw) -> Case:

@@ -137,12 +137,42 @@ class ModelConfig:
 
 
 @dataclass
+class Augment:
+    """Train-time augmentation of a stage's images (`vistune.data.augment`); all zero: none.
+
+    Only changes that keep the targets true: small photometric jitter that never turns one named colour
+    into another, a flip that the objective answers mirrored, a grey copy whose colour targets it drops
+    and a blurred copy whose shape targets it drops.
+    """
+
+    flip: float = 0.0  # probability of a horizontal flip
+    grayscale: float = 0.0  # probability of a grey-scale copy (colour targets ignored)
+    blur: float = 0.0  # probability of a blur that hides shapes (shape targets ignored)
+    brightness: float = 0.0  # brightness scaled by a factor in [1 - b, 1 + b]
+    contrast: float = 0.0  # contrast scaled by a factor in [1 - c, 1 + c]
+    noise: float = 0.0  # standard deviation of pixel noise, in 0..1 intensity units
+
+    def __post_init__(self) -> None:
+        for name in ("flip", "grayscale", "blur"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("brightness", "contrast", "noise"):
+            if not 0 <= getattr(self, name) <= 0.5:
+                raise ValueError(f"augment.{name} must be in [0, 0.5], got {getattr(self, name)}")
+
+    def active(self) -> bool:
+        """Whether any augmentation is on."""
+        return any(getattr(self, f.name) > 0 for f in dataclasses.fields(self))
+
+
+@dataclass
 class DataSpec:
     """One dataset of a stage: a file (LLaVA JSON/JSONL, pairs JSONL, scenes JSONL) and its image root."""
 
     path: str
     image_root: str | None = None
     limit: int | None = None  # use only the first N records (of those `where` keeps)
+    repeat: int = 1  # each record this many times per epoch: weights a small dataset in a mix
     # Keep only records whose field has one of the values, e.g. {question_type: [spatial, count]}:
     # fields are the record's extra keys (Record.meta). Conversation and contrastive data only.
     where: dict[str, list] | None = None
@@ -150,6 +180,8 @@ class DataSpec:
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data {self.path!r}: limit must be at least 1 (or null for every record)")
+        if self.repeat < 1:
+            raise ValueError(f"data {self.path!r}: repeat must be at least 1, got {self.repeat}")
         if self.where is None:
             return
         if not isinstance(self.where, dict) or not self.where:
@@ -197,11 +229,21 @@ class Stage:
     # vlm stages: recompute the LLM's layer activations in the backward pass instead of keeping them
     # (about a third more compute for a fraction of the activation memory: for large models)
     gradient_checkpointing: bool = False
+    # vlm stages: pack each micro-batch's records into as few rows of `pack_length` tokens (default
+    # max_length) as hold them, first-fit by length; position ids restart at 0 for each record and
+    # attention never crosses records. Same loss, fewer padded tokens.
+    pack: bool = False
+    pack_length: int | None = None
+    # Build the host-side batches in this many DataLoader worker processes (prefetched, pinned on CUDA);
+    # 0 builds them in the training process. The data order is the same either way.
+    workers: int = 0
     # contrastive stages only: the text tower ("minilm", "llm" or a local encoder dir), loss, sizes
     text_tower: str = "minilm"
     loss: str = "clip"
     embed_dim: int = 128
     chunk_size: int = 32
+    # scene and classify stages: train-time image augmentation that keeps targets true (default: none)
+    augment: Augment = field(default_factory=Augment)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.train if t not in TRAINABLE]
@@ -220,9 +262,35 @@ class Stage:
         _above(self, where, 0, *(["lr_vision"] if self.lr_vision is not None else []))
         if self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"{where}weight_decay must be >= 0 and warmup_ratio in [0, 1)")
+        if self.workers < 0:
+            raise ValueError(f"{where}workers must be at least 0, got {self.workers}")
+        self._check_packing(where)
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"{where}loss {self.loss!r} is not one of ('clip', 'siglip')")
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
+        if isinstance(self.augment, dict):
+            self.augment = Augment(**self.augment)
+        if self.augment.active() and self.kind in ("vlm", "contrastive"):
+            raise ValueError(f"{where}augment is for scene and classify stages, not {self.kind!r} stages")
+
+    def _check_packing(self, where: str) -> None:
+        """`pack` is for vlm stages; every record (at most `max_length` tokens) must fit a packed row."""
+        if self.pack and self.kind != "vlm":
+            raise ValueError(f"{where}pack packs conversations: vlm stages only, not kind {self.kind!r}")
+        if self.pack_length is None:
+            return
+        if not self.pack:
+            raise ValueError(f"{where}pack_length {self.pack_length} is set but pack is false")
+        if self.pack_length < self.max_length:
+            raise ValueError(
+                f"{where}pack_length must be at least max_length ({self.max_length}) so every record fits "
+                f"a row, got {self.pack_length}"
+            )
+
+    @property
+    def row_length(self) -> int:
+        """The token budget of one packed row (`pack_length`, else `max_length`)."""
+        return self.pack_length if self.pack_length is not None else self.max_length
 
 
 @dataclass

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vistune.data.readers import DataError, load_records
+from vistune.config import DataSpec
+from vistune.data.readers import DataError, load_records, select_records
 from vistune.data.records import Record, Turn
 from vistune.shapes import synth
 
@@ -213,3 +214,14 @@ def test_where_selects_by_extra_field_before_limit(tmp_path):
         ValueError, match=r"vqa\.json: no record matches where=\{'question_type': \['size'\]\}"
     ):
         select(DataSpec(str(path), where={"question_type": ["size"]}))
+
+
+def test_repeat_weights_a_dataset_and_must_be_positive(tmp_path):
+    path = tmp_path / "text.json"
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    rows = [{"id": f"r{i}", "conversations": turns} for i in range(2)]
+    path.write_text(json.dumps(rows))
+    kept = select_records(DataSpec(path=str(path), limit=1, repeat=3))
+    assert [r.id for r in kept] == ["r0", "r0", "r0"]
+    with pytest.raises(ValueError, match="repeat must be at least 1, got 0"):
+        DataSpec(path=str(path), repeat=0)

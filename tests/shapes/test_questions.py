@@ -1,4 +1,5 @@
-"""Tests for the texts of the shapes world: every answer is re-derived here from the scene graph alone."""
+"""Tests for the texts of the shapes world: every answer is re-derived here from the scene graph alone, for
+every wording (the seen templates and the shifted split's held-out ones)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,20 @@ from vistune.shapes import pope, synth
 from vistune.shapes import questions as Q
 from vistune.shapes import scenes as S
 
-SCENES = [S.sample_scene(5, "train", i) for i in range(300)]
+SCENES = [S.sample_scene(5, "train", i) for i in range(300)] + [
+    S.sample_scene(5, "shifted", i) for i in range(100)
+]
 TEXTS = [synth.scene_texts(s, 5) for s in SCENES]
+WORDINGS = {"seen": Q.TEMPLATES, "shifted": Q.SHIFTED_TEMPLATES}
+# The keys of TEMPLATES each question type draws from.
+KINDS = {
+    "color": ("color",),
+    "shape": ("shape",),
+    "size": ("size",),
+    "count": ("count", "count_all"),
+    "exists": ("exists",),
+    "spatial": ("left", "right", "above", "below", "horizontal", "vertical"),
+}
 
 
 def _obj(color, shape, size="small", x=10.0, y=10.0):
@@ -41,7 +54,7 @@ def _independent_answer(scene, qtype, params):
     (a,), (b,) = _matching(scene, params["a"]), _matching(scene, params["b"])
     dx, dy = a["x"] - b["x"], a["y"] - b["y"]
     horizontal = params.get("relation") in ("left", "right") or params.get("axis") == "horizontal"
-    assert abs(dx if horizontal else dy) > 0.1 * 64  # only unambiguous relations are asked
+    assert abs(dx if horizontal else dy) > 0.1 * scene["width"]  # only unambiguous relations are asked
     if "relation" in params:
         truth = {"left": dx < 0, "right": dx > 0, "above": dy < 0, "below": dy > 0}[params["relation"]]
         return "yes" if truth else "no"
@@ -72,6 +85,7 @@ def test_every_answer_matches_the_scene_graph():
 
 def test_question_text_names_what_params_say():
     for _, _qtype, params, question, _ in _all_questions():
+        question = _question_line(question)
         words = set(re.findall(r"[a-z]+", question.lower()))
         targets = [
             params.get("target", {}),
@@ -83,13 +97,161 @@ def test_question_text_names_what_params_say():
             for value in target.values():
                 assert value in words or value + "s" in words, (question, params)
         if "relation" in params:
-            stems = {
-                "left": "left",
-                "right": "right",
-                "above": ("above", "higher", "over"),
-                "below": ("below", "lower", "under"),
-            }[params["relation"]]
-            assert any(s in words for s in ([stems] if isinstance(stems, str) else stems)), question
+            assert words & STEMS[params["relation"]], question
+        if params.get("filter") == {}:  # a total count names no kind of object
+            assert not words & VOCABULARY, question
+
+
+STEMS = {
+    "left": {"left"},
+    "right": {"right"},
+    "above": {"above", "higher", "over", "up", "top"},
+    "below": {"below", "lower", "under", "beneath", "underneath", "down", "bottom"},
+}
+VOCABULARY = {w for vocab in (Q.COLORS, Q.SHAPES, Q.SIZES) for v in vocab for w in (v, v + "s")}
+
+
+_WORD = "(?:" + "|".join(sorted(VOCABULARY | {n + e for n in Q.NOUNS for e in ("", "s")})) + ")"
+PHRASE = f"(?:an? )?{_WORD}(?: {_WORD}){{0,2}}"  # "a small red star", "red items", "circle"
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex: each {field} a named group holding an object phrase (repeats must match)."""
+    named: set[str] = set()
+
+    def group(m: re.Match) -> str:
+        if m[1] in named:
+            return f"(?P={m[1]})"
+        named.add(m[1])
+        return f"(?P<{m[1]}>{PHRASE})"
+
+    return re.compile(re.sub(r"\\\{(\w)\\\}", group, re.escape(template)))
+
+
+PATTERNS = [
+    (name, kind, t, _pattern(t))
+    for name, templates in WORDINGS.items()
+    for kind, ts in templates.items()
+    for t in ts
+]
+
+
+def _question_line(prompt: str) -> str:
+    """The question of a prompt, without the image placeholder and the answer-format instruction."""
+    return prompt.removeprefix("<image>\n").split("\n")[0]
+
+
+def _kind(qtype: str, params: dict) -> str:
+    """Which key of the templates worded a question of this type with these params."""
+    if qtype == "spatial":
+        return params.get("relation") or params["axis"]
+    if qtype == "count" and params["filter"] == {}:
+        return "count_all"
+    return qtype
+
+
+def _wording(question: str) -> set[tuple[str, str, str]]:
+    """Every (wording set, kind, template) the question text matches."""
+    return {(name, kind, t) for name, kind, t, pattern in PATTERNS if pattern.fullmatch(question)}
+
+
+def test_both_wordings_cover_every_kind_and_share_no_template():
+    assert Q.TEMPLATES.keys() == Q.SHIFTED_TEMPLATES.keys()
+    for kind in Q.TEMPLATES:
+        assert len(Q.TEMPLATES[kind]) >= 5 and len(Q.SHIFTED_TEMPLATES[kind]) >= 2, kind
+        seen = {t.lower() for t in Q.TEMPLATES[kind]}
+        assert len(seen) == len(Q.TEMPLATES[kind]) and not seen & {
+            t.lower() for t in Q.SHIFTED_TEMPLATES[kind]
+        }
+    assert not set(Q.INSTRUCTIONS) & set(Q.SHIFTED_INSTRUCTIONS) and len(Q.INSTRUCTIONS) >= 4
+
+
+@pytest.mark.parametrize("wording", sorted(WORDINGS))
+def test_every_template_says_what_its_kind_asks(wording):
+    fields = {"color": {"a"}, "shape": {"a"}, "size": {"a"}, "count": {"p"}, "count_all": set(),
+              "exists": {"n", "p", "a"}, "caption": set(), "detailed": set()}  # fmt: skip
+    for kind, templates in WORDINGS[wording].items():
+        for t in templates:
+            words = set(re.findall(r"[a-z]+", re.sub(r"\{\w\}", "", t).lower()))
+            used = set(re.findall(r"\{(\w)\}", t))
+            if kind in STEMS:  # yes/no: says its relation and not the opposite one
+                opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}[kind]
+                assert words & STEMS[kind] and not words & STEMS[opposite], t
+                assert used == {"a", "b"}, t
+            elif kind in ("horizontal", "vertical"):  # names both answers
+                pair = {"left", "right"} if kind == "horizontal" else {"above", "below"}
+                assert (pair <= words or words >= {"which", "side"}) and used == {"a", "b"}, t
+            else:
+                assert used and used <= fields[kind] if fields[kind] else not used, t
+            if kind == "color":
+                assert words & {"color", "colour"}, t
+            if kind == "count_all":
+                assert not words & VOCABULARY and words & {"many", "count", "number"}, t
+            if kind == "size":
+                assert words & {"size", "big", "large", "small"}, t
+
+
+@pytest.mark.parametrize("wording", sorted(WORDINGS))
+def test_every_template_gives_exact_answers(wording):
+    """Each template alone, on many scenes: its text names the params and every answer is exact."""
+    templates = WORDINGS[wording]
+    scenes = [S.sample_scene(9, "train", i) for i in range(40)] + [
+        S.sample_scene(9, "shifted", i) for i in range(20)
+    ]
+    for qtype, kinds in KINDS.items():
+        for kind in kinds:
+            for t in templates[kind]:
+                only = {k: (t,) if k == kind else v for k, v in templates.items()}
+                made = 0
+                for i, scene in enumerate(scenes):
+                    question = Q.make_question(scene, qtype, np.random.default_rng(i), only)
+                    if question is None:
+                        continue
+                    text, params = question
+                    if _kind(qtype, params) != kind:
+                        continue  # another kind of the same question type
+                    match = _pattern(t).fullmatch(text)
+                    assert match, (t, text)
+                    _check_fields(match.groupdict(), params)
+                    ans = Q.answer(scene, qtype, params)
+                    assert ans == _independent_answer(scene, qtype, params), (text, params)
+                    made += 1
+                assert made, (kind, t)
+
+
+def _check_fields(fields: dict, params: dict) -> None:
+    """The text filled into a template names exactly the object(s) the params say."""
+    nouns = Q.NOUNS
+    for key, field in (("a", "target"), ("a", "a"), ("b", "b")):
+        if key in fields and field in params:
+            target = params[field]
+            expected = {Q.phrase(target, n) for n in nouns}
+            assert fields[key] in expected, (fields, params)
+    if "filter" in params:
+        names = {Q.phrase(params["filter"], n) for n in nouns}
+        if "p" in fields:
+            assert fields["p"] in {n + "s" for n in names}, (fields, params)
+        if "n" in fields:
+            assert fields["n"] in {Q.indefinite(n) for n in names}, (fields, params)
+        if "a" in fields:
+            assert fields["a"] in names, (fields, params)
+
+
+def test_each_split_is_worded_with_its_own_templates_and_instructions():
+    no_instruction = Counter()
+    for scene, texts in zip(SCENES, TEXTS, strict=True):
+        wording = "shifted" if scene["split"] == "shifted" else "seen"
+        instructions = Q.SHIFTED_INSTRUCTIONS if wording == "shifted" else Q.INSTRUCTIONS
+        prompts = [r["conversations"][0]["value"] for r in texts["vqa"]]
+        prompts += [t["value"] for t in texts["conversations"][0]["conversations"][::2]]
+        prompts += [texts[task][0]["conversations"][0]["value"] for task in ("captions", "detailed")]
+        for prompt in prompts:
+            question, *instruction = prompt.removeprefix("<image>\n").split("\n")
+            assert {w for w, _, _ in _wording(question)} == {wording}, question
+            assert instruction in ([], *([i] for i in instructions)), prompt
+        for r in texts["vqa"]:  # "<image>\nquestion" alone, or "<image>\nquestion\ninstruction"
+            no_instruction[r["conversations"][0]["value"].count("\n") == 1] += 1
+    assert 0.15 < no_instruction[True] / no_instruction.total() < 0.35
 
 
 def test_answers_are_short_lowercase_words_or_digits():
@@ -102,14 +264,16 @@ def test_yes_no_answers_are_balanced():
     assert len(answers) > 100 and 0.4 < answers.count("yes") / len(answers) < 0.6
 
 
-def test_several_paraphrases_per_type():
-    for qtype, templates in Q.TEMPLATES.items():
-        assert len(templates) >= 3, qtype
+def test_many_paraphrases_per_type_are_used():
     used = Counter()
     for _, qtype, _, question, _ in _all_questions():
-        used[(qtype, question.split(" the ")[0].split(" a ")[0][:12])] += 1
-    for qtype in Q.QUESTION_TYPES:
-        assert len([k for k in used if k[0] == qtype]) >= 3, qtype
+        for _, kind, template in _wording(_question_line(question)):
+            used[(qtype, kind, template)] += 1
+    for qtype in KINDS:
+        assert len([k for k in used if k[0] == qtype]) >= 8, qtype
+    assert {k[1] for k in used} == {k for kinds in KINDS.values() for k in kinds}
+    total_counts = {_question_line(q) for _, t, p, q, _ in _all_questions() if _kind(t, p) == "count_all"}
+    assert len(total_counts) >= 8
 
 
 def test_ambiguous_questions_are_refused():
@@ -150,7 +314,7 @@ def test_detailed_description_mentions_every_object_and_region():
         for a, b in re.findall(r"The (\w+ \w+ \w+) is to the left of the (\w+ \w+ \w+)\.", text):
             (oa,) = [o for o in scene["objects"] if Q.phrase(o) == a]
             (ob,) = [o for o in scene["objects"] if Q.phrase(o) == b]
-            assert oa["x"] < ob["x"] - 0.1 * 64
+            assert oa["x"] < ob["x"] - 0.1 * scene["width"]
 
 
 def test_class_label_is_majority_shape_with_leftmost_tie_break():

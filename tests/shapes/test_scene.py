@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from vistune.config import Stage
+from vistune.config import Stage, config_from_dict
 from vistune.model.vlm import build_vlm
 from vistune.shapes.questions import COLORS, SHAPES, SIZES
-from vistune.shapes.scene import ATTRIBUTES, SceneObjective, cell_offsets, cell_targets
+from vistune.shapes.scene import ATTRIBUTES, SceneObjective, cell_offsets, cell_targets, mirror_targets
 from vistune.shapes.synth import synthesize
+from vistune.train import loop
 from vistune.train.objective import StageContext
+from vistune.train.run import train
 
 
 def _scene(*objects):
@@ -69,3 +72,44 @@ def test_scene_heads_start_the_object_words_classifiers(tiny_model_config, world
     torch.testing.assert_close(model.projector.offset.weight, objective.heads["offset"].weight)
     # the colour group lists COLORS in order, so its classifier is the colour head as it is
     torch.testing.assert_close(model.projector.classifiers[1].weight, objective.heads["color"].weight)
+
+
+def test_mirrored_targets_are_the_targets_of_the_mirrored_scene():
+    scene = _scene(("blue", "star", "large", 20.0, 44.0), ("red", "circle", "small", 51.3, 9.7))
+    mirror = {**scene, "objects": [{**o, "x": 64 - o["x"]} for o in scene["objects"]]}
+    grid = (8, 8)
+    batch = [t[None] for t in (cell_targets(scene, grid), *cell_offsets(scene, grid))]
+    targets, offsets, near = mirror_targets(*batch, grid, torch.tensor([True]))
+    torch.testing.assert_close(targets[0], cell_targets(mirror, grid))
+    want_offsets, want_near = cell_offsets(mirror, grid)
+    assert torch.equal(near[0], want_near)
+    torch.testing.assert_close(offsets[0][want_near], want_offsets[want_near])
+
+
+def test_an_augmented_scene_stage_resumes_exactly(one_stage, tmp_path, monkeypatch):
+    def config(out):
+        raw = one_stage(
+            ["vision"],
+            kind="scene",
+            max_steps=4,
+            augment={"flip": 0.5, "grayscale": 0.5, "brightness": 0.1, "noise": 0.02},
+        )
+        return config_from_dict(raw | {"out": str(out), "save_every": 2})  # fmt: skip
+
+    whole = load_file(train(config(tmp_path / "whole")) / "vision_projector.safetensors")
+    real, calls = loop.train_step, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the step-2 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "cut"))
+    monkeypatch.setattr(loop, "train_step", real)
+    resumed = load_file(train(config(tmp_path / "cut"), resume=True) / "vision_projector.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key

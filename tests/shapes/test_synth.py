@@ -1,8 +1,9 @@
-"""Tests for the shapes world: determinism, non-overlap, held-out combos, rendering, files written, where
-synth may write (atomically) and the arguments it refuses."""
+"""Tests for the shapes world: determinism, non-overlap, held-out combos and styles, the drawing knobs,
+rendering, files written, where synth may write (atomically) and the arguments it refuses."""
 
 from __future__ import annotations
 
+import colorsys
 import errno
 import json
 from pathlib import Path
@@ -14,10 +15,13 @@ from PIL import Image
 from vistune import cli
 from vistune.shapes import questions as Q
 from vistune.shapes import scenes as S
+from vistune.shapes import style as St
 from vistune.shapes import synth
 from vistune.shapes.quickstart import make_data
+from vistune.shapes.suite import suite_splits
 
-SIZES = {"train": 40, "val": 8, "test": 8, "compositional": 16}
+SIZES = {"train": 40, "val": 8, "test": 8, "compositional": 16, "shifted": 8}
+SEEN_SPLITS = ("train", "val", "test", "compositional")
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -48,27 +52,90 @@ def test_scene_lines_have_the_documented_keys(dataset):
     scenes = S.load_scenes(dataset / "scenes" / "train.jsonl")
     assert len(scenes) == SIZES["train"]
     for i, s in enumerate(scenes):
-        assert list(s) == ["id", "image", "split", "width", "height", "background", "objects"]
+        assert list(s) == ["id", "image", "split", "width", "height", "background", "style", "objects"]
         assert s["id"] == f"train-{i:06d}" and s["image"] == f"train/{s['id']}.png"
-        assert (dataset / "images" / s["image"]).is_file()
+        assert list(s["style"]) == ["canvas", "background", "supersample", "outline", "star_inner"]
+        assert s["width"] == s["height"] == s["style"]["canvas"]
+        assert Image.open(dataset / "images" / s["image"]).size == (s["width"], s["height"])
         for o in s["objects"]:
-            assert list(o) == ["color", "shape", "size", "x", "y", "radius", "rotation"]
-            assert all(round(o[k], 2) == o[k] for k in ("x", "y", "radius", "rotation"))
+            assert list(o) == ["color", "shape", "size", "x", "y", "radius", "rotation", "aspect", "rgb"]
+            assert all(round(o[k], 2) == o[k] for k in ("x", "y", "radius", "rotation", "aspect"))
 
 
-def test_objects_never_overlap_and_stay_inside():
-    for i in range(400):
-        s = S.sample_scene(3, "train", i)
+@pytest.mark.parametrize("split, image_size", [("train", None), ("shifted", None), ("test", 24), ("val", 64)])
+def test_objects_never_overlap_and_stay_inside(split, image_size):
+    for i in range(300):
+        s = S.sample_scene(3, split, i, image_size)
         objs = s["objects"]
         assert 1 <= len(objs) <= S.MAX_OBJECTS
         for a in objs:
             assert a["radius"] <= a["x"] <= s["width"] - a["radius"]
             assert a["radius"] <= a["y"] <= s["height"] - a["radius"]
-            assert abs(a["rotation"]) <= S.MAX_ROTATION
+            low, high = St.RADIUS[a["size"]]
+            assert low * s["width"] - 0.01 <= a["radius"] <= high * s["width"] + 0.01
+            assert abs(a["rotation"]) <= St.MAX_ROTATION and (a["shape"] != "circle" or a["rotation"] == 0)
+            least = St.MIN_CIRCLE_ASPECT if a["shape"] == "circle" else St.MIN_ASPECT
+            assert least - 0.01 <= min(a["aspect"], 1 / a["aspect"])
         for j, a in enumerate(objs):
             for b in objs[j + 1 :]:
                 gap = np.hypot(a["x"] - b["x"], a["y"] - b["y"]) - a["radius"] - b["radius"]
                 assert gap >= S.MARGIN_PX - 0.02  # rounding to 2 decimals
+
+
+def test_small_and_large_stay_apart_after_the_squeeze():
+    (_, small_max), (large_min, _) = St.RADIUS["small"], St.RADIUS["large"]
+    assert small_max < large_min * St.MIN_ASPECT
+
+
+def test_seen_splits_never_draw_the_shifted_styles():
+    knobs = {"canvas": set(), "background": set(), "supersample": set(), "outline": set()}
+    for split in SEEN_SPLITS:
+        for i in range(150):
+            style = S.sample_scene(4, split, i)["style"]
+            assert style["canvas"] in St.SEEN_CANVASES and style["background"] in St.SEEN_BACKGROUNDS
+            for knob, values in knobs.items():
+                values.add(style[knob])
+            assert St.STAR_INNER[0] <= style["star_inner"] <= St.STAR_INNER[1]
+    assert knobs == {"canvas": set(St.SEEN_CANVASES), "background": set(St.SEEN_BACKGROUNDS),
+                     "supersample": set(St.SUPERSAMPLES), "outline": set(St.OUTLINES)}  # fmt: skip
+    shifted = [S.sample_scene(4, "shifted", i) for i in range(150)]
+    assert {s["style"]["canvas"] for s in shifted} == set(St.SHIFTED_CANVASES)
+    assert {s["style"]["background"] for s in shifted} == set(St.SHIFTED_BACKGROUNDS)
+    assert not set(St.SHIFTED_CANVASES) & set(St.SEEN_CANVASES)
+    assert not set(St.SHIFTED_BACKGROUNDS) & set(St.SEEN_BACKGROUNDS)
+    # only seen colour+shape pairs, as in test
+    assert not {(o["color"], o["shape"]) for s in shifted for o in s["objects"]} & set(S.HELD_OUT)
+
+
+def _hue(rgb) -> float:
+    return 360 * colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0]
+
+
+def _hue_distance(a: float, b: float) -> float:
+    return min(abs(a - b), 360 - abs(a - b))
+
+
+def test_colour_shades_of_different_names_stay_apart_in_hue():
+    rng = np.random.default_rng(0)
+    shades = {name: [St.shade(rng, name) for _ in range(400)] for name in Q.COLORS}
+    # every corner of each name's range too: the extreme hues, saturations and values
+    for name, ((h0, h1), (s0, s1), (v0, v1)) in St.HUES.items():
+        for h, sat, v in ((h, sat, v) for h in (h0, h1) for sat in (s0, s1) for v in (v0, v1)):
+            shades[name].append([round(255 * c) for c in colorsys.hsv_to_rgb(h % 360 / 360, sat, v)])
+    hues = {name: [_hue(c) for c in colors] for name, colors in shades.items()}
+    for a in Q.COLORS:
+        for b in Q.COLORS:
+            if a < b:
+                closest = min(_hue_distance(x, y) for x in hues[a] for y in hues[b])
+                assert closest >= St.MIN_HUE_GAP - 0.5, (a, b, closest)  # 0.5: rounding to 8-bit RGB
+    # red sits on both sides of 0 and never reaches orange; the sampled shades stay in their ranges
+    assert max(h for h in hues["red"] if h < 180) < min(hues["orange"]) - St.MIN_HUE_GAP + 0.5
+    for name, colors in shades.items():
+        (h0, h1), (s0, s1), (v0, v1) = St.HUES[name]
+        for c in colors[:400]:
+            h, sat, v = colorsys.rgb_to_hsv(*(x / 255 for x in c))
+            assert _hue_distance(360 * h, (h0 + h1) / 2 % 360) <= (h1 - h0) / 2 + 1, (name, c)
+            assert s0 - 0.02 <= sat <= s1 + 0.02 and v0 - 0.01 <= v <= v1 + 0.01, (name, c)
 
 
 def test_every_count_from_1_to_6_and_every_combo_occur():
@@ -92,23 +159,38 @@ def test_held_out_combos_only_in_the_compositional_split(dataset):
         assert {(o["color"], o["shape"]) for o in s["objects"]} & held
 
 
-def test_rendered_object_centres_have_their_colour(dataset):
-    for s in S.load_scenes(dataset / "scenes" / "val.jsonl"):
-        pixels = np.asarray(Image.open(dataset / "images" / s["image"]).convert("RGB")).astype(int)
+def _rendered(split: str, n: int) -> list[tuple[dict, np.ndarray]]:
+    scenes = [S.sample_scene(6, split, i) for i in range(n)]
+    return [(s, np.asarray(S.render(s, 6)).astype(int)) for s in scenes]
+
+
+@pytest.mark.parametrize("split", ["train", "shifted"])
+def test_rendered_objects_have_their_shade_on_a_pale_background(split):
+    for s, pixels in _rendered(split, 60):
         assert pixels.shape == (s["height"], s["width"], 3)
+        yy, xx = np.mgrid[0 : s["height"], 0 : s["width"]]
+        clear = np.ones(pixels.shape[:2], bool)  # pixels away from every object
         for o in s["objects"]:
-            centre = pixels[int(o["y"]), int(o["x"])]
-            assert np.abs(centre - synth.COLOR_RGB[o["color"]]).max() <= 12, (s["id"], o)
-        corner = pixels[0, 0]
-        assert np.abs(corner - s["background"]).max() <= 20 or any(
-            np.hypot(o["x"], o["y"]) < o["radius"] + 2 for o in s["objects"]
-        )
+            near = np.hypot(xx + 0.5 - o["x"], yy + 0.5 - o["y"]) < o["radius"] + 1.5
+            clear &= ~near
+            # the pixels around the centre hold the object's own shade (an outline is only at the edge)
+            inner = np.hypot(xx + 0.5 - o["x"], yy + 0.5 - o["y"]) < 0.2 * o["radius"]
+            if inner.any():
+                assert np.abs(np.median(pixels[inner], axis=0) - o["rgb"]).max() <= 20, (s["id"], o)
+            assert np.abs(np.asarray(o["rgb"]) - s["background"]).sum() >= 120, (s["id"], o)  # stands out
+        background = pixels[clear]
+        assert background.mean() > 200 and background.min() > 150, s["id"]  # pale, marks faint
 
 
 def test_task_files_manifest_and_pairs_agree(dataset):
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["seed"] == 7 and manifest["labels"] == list(Q.LABELS)
     assert [tuple(c) for c in manifest["held_out"]] == list(S.HELD_OUT)
+    shifted = manifest["shifted"]
+    assert shifted["canvases"] == list(St.SHIFTED_CANVASES) and shifted["backgrounds"] == list(
+        St.SHIFTED_BACKGROUNDS
+    )
+    assert shifted["templates"] == {k: list(v) for k, v in Q.SHIFTED_TEMPLATES.items()}
     for split, n in SIZES.items():
         for task in synth.TASKS:
             records = json.loads((dataset / split / f"{task}.json").read_text())
@@ -120,6 +202,15 @@ def test_task_files_manifest_and_pairs_agree(dataset):
         assert len(pairs) == n and all(p["caption"] == Q.caption(scenes[p["image"]]) for p in pairs)
 
 
+def test_the_suite_scores_the_splits_the_dataset_holds(dataset, tmp_path):
+    assert suite_splits(dataset) == ("test", "compositional", "shifted")
+    synth.synthesize(tmp_path / "old", {"test": 1, "compositional": 1}, workers=1)
+    assert suite_splits(tmp_path / "old") == ("test", "compositional")  # no shifted images: not scored
+    synth.synthesize(tmp_path / "train-only", {"train": 1}, workers=1)
+    with pytest.raises(ValueError, match="holds none of the splits"):
+        suite_splits(tmp_path / "train-only")
+
+
 def test_imagefolder_view_uses_the_class_label(dataset):
     for s in S.load_scenes(dataset / "scenes" / "test.jsonl"):
         link = dataset / "imagefolder" / "test" / Q.class_label(s) / f"{s['id']}.png"
@@ -128,9 +219,10 @@ def test_imagefolder_view_uses_the_class_label(dataset):
 
 def test_main_synth_cli(tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--train", "3", "--val", "1", "--test", "1", "--compositional", "2"]
-    assert synth.main_synth([*argv, "--workers", "1", "--image-size", "96"]) == 0
-    assert "wrote 7 images" in capsys.readouterr().out
-    assert Image.open(tmp_path / "images" / "compositional" / "compositional-000001.png").size == (96, 96)
+    assert synth.main_synth([*argv, "--shifted", "1", "--workers", "1", "--image-size", "96"]) == 0
+    assert "wrote 8 images" in capsys.readouterr().out
+    for image in ("compositional/compositional-000001.png", "shifted/shifted-000000.png"):
+        assert Image.open(tmp_path / "images" / image).size == (96, 96)  # --image-size fixes every canvas
 
 
 def test_unknown_split_is_refused(tmp_path):
@@ -215,8 +307,11 @@ def test_a_failed_run_leaves_nothing_half_written(tmp_path, monkeypatch):
     [
         (["--train", "-5"], "argument --train: expected a whole number >= 0, got -5"),
         (["--val", "x"], "argument --val: expected a whole number >= 0, got 'x'"),
-        (["--train", "0", "--val", "0", "--test", "0", "--compositional", "0"], "nothing to write"),
-        (["--image-size", "0"], "--image-size must be at least 16"),
+        (
+            ["--train", "0", "--val", "0", "--test", "0", "--compositional", "0", "--shifted", "0"],
+            "nothing to write",
+        ),
+        (["--image-size", "0"], "--image-size must be at least 24"),
         (["--workers", "0"], "--workers must be at least 1"),
     ],
 )
@@ -234,7 +329,7 @@ def test_bad_counts_are_refused_by_the_cli(tmp_path, capsys, flags, message):
         ({"sizes": {"train": 2.5}}, "got 2.5"),
         ({"sizes": {"train": True}}, "got True"),
         ({"sizes": {"train": 0}}, "nothing to write"),
-        ({"sizes": {"train": 1}, "image_size": 8}, "image side in pixels must be a whole number >= 16"),
+        ({"sizes": {"train": 1}, "image_size": 8}, "image side in pixels must be a whole number >= 24"),
         ({"sizes": {"train": 1}, "workers": 0}, "workers must be a whole number >= 1"),
     ],
 )

@@ -125,6 +125,28 @@ def uninterrupted(world, tmp_path_factory) -> dict[str, torch.Tensor]:
 # stage (new adapters need the saved random state); 12 inside it.
 @pytest.mark.parametrize("kill_at", [3, 4, 6, 7, 9, 10, 12])
 def test_resume_after_kill_matches_uninterrupted(world, tmp_path, monkeypatch, uninterrupted, kill_at):
+    resumed = kill_and_resume(every_kind(world, tmp_path / "b"), monkeypatch, kill_at)
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], resumed[key]), key
+
+
+# With two DataLoader workers building every stage's batches, killed inside scene, classify, contrastive
+# and the LoRA stage: the loader resumes at the checkpoint's step, and the run ends with the weights of
+# the uninterrupted run whose batches were built in the training process.
+@pytest.mark.parametrize("kill_at", [3, 6, 9, 12])
+def test_resume_with_workers_matches_uninterrupted(world, tmp_path, monkeypatch, uninterrupted, kill_at):
+    cfg = every_kind(world, tmp_path / "w")
+    for stage in cfg["stages"]:
+        stage["workers"] = 2
+    resumed = kill_and_resume(cfg, monkeypatch, kill_at)
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], resumed[key]), key
+
+
+def kill_and_resume(cfg: dict, monkeypatch, kill_at: int) -> dict[str, torch.Tensor]:
+    """Train `cfg`, killed at the `kill_at`-th optimizer step of the run, then resume it: its weights."""
     real_step, calls = loop.train_step, {"n": 0}
 
     def dying_step(*args, **kwargs):
@@ -135,12 +157,9 @@ def test_resume_after_kill_matches_uninterrupted(world, tmp_path, monkeypatch, u
 
     monkeypatch.setattr(loop, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train(config_from_dict(every_kind(world, tmp_path / "b")))
+        train(config_from_dict(cfg))
     monkeypatch.setattr(loop, "train_step", real_step)
-    resumed = weights(train(config_from_dict(every_kind(world, tmp_path / "b")), resume=True))
-    assert uninterrupted.keys() == resumed.keys()
-    for key in uninterrupted:
-        assert torch.equal(uninterrupted[key], resumed[key]), key
+    return weights(train(config_from_dict(cfg), resume=True))
 
 
 # Killed inside a save: while writing the end-of-scene checkpoint's weights (a half-written temporary

@@ -247,7 +247,8 @@ def load_records(path: str | Path, image_root: str | Path | None = None) -> Reco
 
 
 def select_records(spec: DataSpec) -> list[Record]:
-    """The records of one dataset that a stage uses: those `where` keeps, then the first `limit`.
+    """The records of one dataset that a stage uses: those `where` keeps, then the first `limit`, each
+    `repeat` times (the copies follow the originals).
 
     A `where` that keeps nothing is an error naming the file and the filter (a typo in a field or
     value would otherwise train on nothing, or on everything else)."""
@@ -255,7 +256,7 @@ def select_records(spec: DataSpec) -> list[Record]:
     kept = list(islice((r for r in records if spec.selects(r.meta)), spec.limit or None))
     if spec.where and not kept:
         raise ValueError(f"{spec.path}: no record matches where={spec.where} (fields: records' extra keys)")
-    return kept
+    return kept * spec.repeat
 
 
 def caption_of(record: Record) -> str:

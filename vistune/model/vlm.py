@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.generic import is_flash_attention_requested
 
 from vistune.config import ModelConfig, config_from_dict
 from vistune.model.llm import build_llm, image_token_id, load_llm, load_tokenizer, pick_dtype
@@ -104,13 +105,26 @@ class VLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         checked: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`loss_sum` with the targets of `answer_targets`, computed where the batch is built.
 
         `attention_mask` may be None for right-padded rows: under the causal mask no real token sees
-        a pad, and only real tokens carry a loss. `checked`: as in `embed`."""
+        a pad, and only real tokens carry a loss. `checked`: as in `embed`. `position_ids` (B, L) that
+        restart at 0 mark packed rows (several records per row, `collate_packed`); with no attention
+        mask transformers then keeps attention inside each record (`find_packed_sequence_indices`)."""
         embeds = self.embed(input_ids, pixel_values, vision_features, checked)
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        packed = {}
+        if position_ids is not None:
+            if is_flash_attention_requested(self.llm.config):
+                # flash-attention's varlen path finds packed records in a single row only; the answer
+                # positions index the flattened (B * L) hidden states, so they hold either way
+                embeds, position_ids = embeds.reshape(1, -1, embeds.shape[-1]), position_ids.reshape(1, -1)
+            # transformers looks for packed records only without a cache; unpacked rows keep the
+            # default, or it would look in its own positions and read that check back to the host
+            packed = {"position_ids": position_ids, "use_cache": False}
+        decoder = self.llm.get_decoder()
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, **packed).last_hidden_state
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, answer_positions)
         logits = self.llm.get_output_embeddings()(picked)
         return F.cross_entropy(logits.float(), answer_ids, reduction="sum")

@@ -1,9 +1,10 @@
 """Every text of the shapes world, derived from a scene graph alone.
 
 A scene is the dict written to `scenes/<split>.jsonl` (see `synth.py`): `objects` is a list of
-`{"color", "shape", "size", "x", "y", "radius", "rotation"}` with x, y the centre in pixels (y grows
-downward). From it we derive a short caption, a detailed description, single-turn VQA, multi-turn
-conversations and a class label (POPE existence probes: `pope.py`).
+`{"color", "shape", "size", "x", "y", ...}` with x, y the centre in pixels (y grows downward); only
+these five are read here. From it we derive a short caption, a detailed description, single-turn VQA,
+multi-turn conversations and a class label (POPE existence probes: `pope.py`). Every question kind has
+many wordings (TEMPLATES); the shifted split is worded with its own, held out (SHIFTED_TEMPLATES).
 
 Questions are only asked when their answer is unique and exact: an object is referred to by the
 shortest description (shape, colour+shape, ...) that matches exactly one object, and a spatial relation
@@ -26,78 +27,250 @@ COMBOS = tuple(product(COLORS, SHAPES))  # every (color, shape) object kind, in 
 QUESTION_TYPES = ("color", "shape", "size", "count", "exists", "spatial")
 LABELS = SHAPES  # classification labels: the majority shape
 SPATIAL_MARGIN = 0.1  # fraction of the image side two centres must differ by for a relation to be asked
-SHORT_ANSWER = "Answer the question using a single word or number."
 
+# The wording of every question kind. The keys: color, shape, size ({a}: the object), count ({p}: a
+# plural such as "red stars"), count_all (every object), exists ({n}: "a red star", {p}, {a}: "red
+# star"), left/right/above/below (yes/no: is {a} <relation> {b}?), horizontal/vertical (answers
+# left/right or above/below), caption, detailed. TEMPLATES word every split but the shifted one;
+# SHIFTED_TEMPLATES word the shifted split only (held out: no seen split ever uses them).
 TEMPLATES = {
     "color": (
         "What color is the {a}?",
+        "What colour is the {a}?",
         "What is the color of the {a}?",
+        "What is the colour of the {a}?",
         "Which color does the {a} have?",
         "Tell me the color of the {a}.",
+        "What color is the {a} in the image?",
+        "Name the colour of the {a}.",
+        "The {a} is what color?",
     ),
     "shape": (
         "What shape is the {a}?",
         "What is the shape of the {a}?",
         "Which shape is the {a}?",
         "Name the shape of the {a}.",
+        "What kind of shape is the {a}?",
+        "What shape does the {a} have?",
+        "Tell me the shape of the {a}.",
+        "The {a} has what shape?",
     ),
     "size": (
         "What size is the {a}?",
         "Is the {a} small or large?",
         "How big is the {a}?",
         "Is the {a} large or small?",
+        "What is the size of the {a}?",
+        "Tell me the size of the {a}.",
+        "Is the {a} a small one or a large one?",
+        "Which size is the {a}, small or large?",
     ),
     "count": (
         "How many {p} are there?",
         "How many {p} are in the image?",
         "Count the {p}.",
         "What is the number of {p} in the picture?",
+        "How many {p} can you see?",
+        "How many {p} does the image contain?",
+        "How many {p} are shown?",
+        "Count the {p} in the image.",
+        "What is the count of {p}?",
+    ),
+    "count_all": (
+        "How many objects are there?",
+        "How many objects are in the image?",
+        "How many shapes are there in total?",
+        "What is the total number of objects?",
+        "Count all the objects in the picture.",
+        "How many items can you see?",
+        "How many things are in the picture altogether?",
+        "How many objects does the image contain?",
+        "What is the number of shapes in the image?",
+        "Count the shapes.",
+        "How many objects are there in total?",
     ),
     "exists": (
         "Is there {n} in the picture?",
         "Can you see {n}?",
         "Does the image contain {n}?",
         "Is there {n} anywhere in the image?",
+        "Are there any {p}?",
+        "Are there any {p} in the image?",
+        "Do you see {n}?",
+        "Is there {n}?",
+        "Does the picture show {n}?",
     ),
     "left": (
         "Is the {a} to the left of the {b}?",
         "Is the {a} left of the {b}?",
         "Is the {a} on the left side of the {b}?",
+        "Is the {a} on the left of the {b}?",
+        "Is the {a} further left than the {b}?",
+        "Is the {a} positioned to the left of the {b}?",
+        "Is the {a} placed to the left of the {b}?",
+        "Is the {a} farther to the left than the {b}?",
     ),
     "right": (
         "Is the {a} to the right of the {b}?",
         "Is the {a} right of the {b}?",
         "Is the {a} on the right side of the {b}?",
+        "Is the {a} on the right of the {b}?",
+        "Is the {a} further right than the {b}?",
+        "Is the {a} positioned to the right of the {b}?",
+        "Is the {a} placed to the right of the {b}?",
+        "Is the {a} farther to the right than the {b}?",
     ),
-    "above": ("Is the {a} above the {b}?", "Is the {a} higher up than the {b}?", "Is the {a} over the {b}?"),
+    "above": (
+        "Is the {a} above the {b}?",
+        "Is the {a} higher up than the {b}?",
+        "Is the {a} over the {b}?",
+        "Is the {a} higher than the {b}?",
+        "Is the {a} positioned above the {b}?",
+        "Is the {a} further up than the {b}?",
+        "Is the {a} placed above the {b}?",
+        "Is the {a} farther up than the {b}?",
+    ),
     "below": (
         "Is the {a} below the {b}?",
         "Is the {a} lower down than the {b}?",
         "Is the {a} under the {b}?",
+        "Is the {a} lower than the {b}?",
+        "Is the {a} beneath the {b}?",
+        "Is the {a} further down than the {b}?",
+        "Is the {a} placed below the {b}?",
+        "Is the {a} farther down than the {b}?",
     ),
     "horizontal": (
         "Which side of the {b} is the {a} on?",
         "Is the {a} left or right of the {b}?",
         "Is the {a} to the right or to the left of the {b}?",
+        "Is the {a} to the left or to the right of the {b}?",
+        "Is the {a} on the left or the right side of the {b}?",
+        "Relative to the {b}, is the {a} left or right?",
+        "Is the {a} placed left or right of the {b}?",
+        "Compared with the {b}, is the {a} on the left or the right?",
     ),
     "vertical": (
         "Is the {a} above or below the {b}?",
         "Is the {a} below or above the {b}?",
         "Relative to the {b}, is the {a} above or below?",
+        "Is the {a} positioned above or below the {b}?",
+        "Compared with the {b}, is the {a} above or below it?",
+        "Is the {a} situated above or below the {b}?",
+        "Is the {a} above the {b} or below the {b}?",
     ),
     "caption": (
         "Describe the image briefly.",
         "Write a short caption for this image.",
         "What is in this picture? Answer briefly.",
         "Give a one-line caption of the image.",
+        "Caption this picture in one sentence.",
     ),
     "detailed": (
         "Describe the image in detail.",
         "Give a detailed description of this picture.",
         "Describe every object in the image and where it is.",
         "What do you see? Describe the objects, their positions and relations.",
+        "Describe this picture thoroughly.",
     ),
 }
+SHIFTED_TEMPLATES = {
+    "color": (
+        "Which colour is the {a} painted in?",
+        "What's the colour of the {a}?",
+        "Can you tell me what color the {a} is?",
+        "Identify the color of the {a}.",
+    ),
+    "shape": (
+        "What's the shape of the {a}?",
+        "Which form does the {a} have?",
+        "Identify the shape of the {a}.",
+        "Can you tell me what shape the {a} is?",
+    ),
+    "size": (
+        "What's the size of the {a}?",
+        "How large is the {a}?",
+        "Would you say the {a} is small or large?",
+        "Is the {a} drawn large or small?",
+    ),
+    "count": (
+        "How many {p} appear in this picture?",
+        "Tell me the number of {p}.",
+        "What number of {p} can be seen?",
+        "Please count the {p} in the picture.",
+    ),
+    "count_all": (
+        "In total, how many objects are shown?",
+        "How many figures are drawn in this image?",
+        "Count every shape you can see.",
+        "What's the total count of items in the image?",
+        "Tell me how many objects the picture contains.",
+    ),
+    "exists": (
+        "Is {n} visible in this picture?",
+        "Does this image include any {p}?",
+        "Can {n} be found in the picture?",
+        "Is there at least one {a} in the image?",
+    ),
+    "left": (
+        "Does the {a} lie to the left of the {b}?",
+        "Is the {a} more to the left than the {b}?",
+        "Is the {a} located left of the {b}?",
+    ),
+    "right": (
+        "Does the {a} lie to the right of the {b}?",
+        "Is the {a} more to the right than the {b}?",
+        "Is the {a} located right of the {b}?",
+    ),
+    "above": (
+        "Does the {a} lie above the {b}?",
+        "Is the {a} located higher in the image than the {b}?",
+        "Is the {a} nearer the top than the {b}?",
+    ),
+    "below": (
+        "Does the {a} lie below the {b}?",
+        "Is the {a} located underneath the {b}?",
+        "Is the {a} nearer the bottom than the {b}?",
+    ),
+    "horizontal": (
+        "On which side of the {b} does the {a} lie, left or right?",
+        "Is the {a} located left or right of the {b}?",
+        "Seen from the {b}, is the {a} on the left or on the right?",
+    ),
+    "vertical": (
+        "Does the {a} lie above or below the {b}?",
+        "Is the {a} located above the {b} or below it?",
+        "Seen from the {b}, is the {a} above or below?",
+    ),
+    "caption": (
+        "Summarise the picture in a few words.",
+        "What does this image show? Keep it short.",
+    ),
+    "detailed": (
+        "Walk me through everything in this image.",
+        "Explain in detail what the picture contains and where.",
+    ),
+}
+# The answer-format instruction after a single-turn VQA question: one of these, or none at all for a
+# NO_INSTRUCTION fraction of the records (answers are short either way). SHIFTED_INSTRUCTIONS are held
+# out for the shifted split like SHIFTED_TEMPLATES.
+INSTRUCTIONS = (
+    "Answer the question using a single word or number.",
+    "Answer with a single word or number.",
+    "Reply with one word or a number.",
+    "Use a single word or number to answer.",
+    "Give a short answer: one word or a number.",
+    "Answer in one word or number.",
+)
+SHIFTED_INSTRUCTIONS = (
+    "Respond using just one word or a number.",
+    "Keep your answer to a single word or number.",
+)
+NO_INSTRUCTION = 0.25
+# The noun of an object named without its shape ("red object", "small red item"); shape questions never
+# say "shape" for the object they ask about.
+NOUNS = ("object", "shape", "item", "thing")
+COUNT_ALL = 0.3  # fraction of count questions that ask for every object
 # Which attributes may name an object in each question type, shortest first (never the asked attribute).
 REFERENCES = {
     "color": (("shape",), ("size", "shape")),
@@ -117,15 +290,18 @@ def find(scene: dict, target: dict) -> list[dict]:
     return [o for o in scene["objects"] if all(o[k] == v for k, v in target.items())]
 
 
-def phrase(target: dict) -> str:
-    """Noun phrase for a target, e.g. {"size": "small", "color": "red"} -> 'small red object'."""
+def phrase(target: dict, noun: str = "object") -> str:
+    """Noun phrase for a target, e.g. {"size": "small", "color": "red"} -> 'small red object'.
+
+    `noun` stands in for the shape when the target names none ("small red item").
+    """
     words = [target[k] for k in ("size", "color") if k in target]
-    return " ".join([*words, target.get("shape", "object")])
+    return " ".join([*words, target.get("shape", noun)])
 
 
-def plural(target: dict) -> str:
+def plural(target: dict, noun: str = "object") -> str:
     """Plural noun phrase: {} -> 'objects', {"color": "red", "shape": "star"} -> 'red stars'."""
-    return phrase(target) + "s"
+    return phrase(target, noun) + "s"
 
 
 def indefinite(text: str) -> str:
@@ -188,12 +364,16 @@ def answer(scene: dict, question_type: str, params: dict) -> str:
     raise ValueError(f"unknown question type {question_type!r}; valid types are {QUESTION_TYPES}")
 
 
-def _attribute_question(scene: dict, qtype: str, rng: np.random.Generator) -> tuple[str, dict] | None:
+def _attribute_question(
+    scene: dict, qtype: str, rng: np.random.Generator, templates: dict
+) -> tuple[str, dict] | None:
     order = rng.permutation(len(scene["objects"]))
     for i in order:
         target = unique_reference(scene, scene["objects"][i], qtype)
         if target is not None:
-            return pick(rng, TEMPLATES[qtype]).format(a=phrase(target)), {"target": target}
+            # "What shape is the red shape?" would be odd: shape questions say object, item or thing.
+            noun = pick(rng, tuple(n for n in NOUNS if n != "shape") if qtype == "shape" else NOUNS)
+            return pick(rng, templates[qtype]).format(a=phrase(target, noun)), {"target": target}
     return None
 
 
@@ -207,12 +387,14 @@ def _random_filter(scene: dict, rng: np.random.Generator) -> dict:
     return {k: pick(rng, vocab[k]) for k in keys}
 
 
-def _count_question(scene: dict, rng: np.random.Generator) -> tuple[str, dict]:
-    target = {} if rng.random() < 0.2 else _random_filter(scene, rng)
-    return pick(rng, TEMPLATES["count"]).format(p=plural(target)), {"filter": target}
+def _count_question(scene: dict, rng: np.random.Generator, templates: dict) -> tuple[str, dict]:
+    if rng.random() < COUNT_ALL:  # its own wordings, none of which names a kind of object
+        return pick(rng, templates["count_all"]), {"filter": {}}
+    target = _random_filter(scene, rng)
+    return pick(rng, templates["count"]).format(p=plural(target, pick(rng, NOUNS))), {"filter": target}
 
 
-def _exists_question(scene: dict, rng: np.random.Generator) -> tuple[str, dict]:
+def _exists_question(scene: dict, rng: np.random.Generator, templates: dict) -> tuple[str, dict]:
     # Pick the answer first so yes and no are balanced, then a filter that gives it.
     want = "yes" if rng.random() < 0.5 else "no"
     target = _random_filter(scene, rng)
@@ -220,10 +402,12 @@ def _exists_question(scene: dict, rng: np.random.Generator) -> tuple[str, dict]:
         if answer(scene, "exists", {"filter": target}) == want:
             break
         target = _random_filter(scene, rng)
-    return pick(rng, TEMPLATES["exists"]).format(n=indefinite(phrase(target))), {"filter": target}
+    name = phrase(target, pick(rng, NOUNS))
+    text = pick(rng, templates["exists"]).format(n=indefinite(name), p=name + "s", a=name)
+    return text, {"filter": target}
 
 
-def _spatial_question(scene: dict, rng: np.random.Generator) -> tuple[str, dict] | None:
+def _spatial_question(scene: dict, rng: np.random.Generator, templates: dict) -> tuple[str, dict] | None:
     objs = scene["objects"]
     pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs)) if i != j]
     for k in rng.permutation(len(pairs)):
@@ -244,29 +428,34 @@ def _spatial_question(scene: dict, rng: np.random.Generator) -> tuple[str, dict]
             params = {"a": a, "b": b, "relation": relation}
         else:
             relation, params = axis, {"a": a, "b": b, "axis": axis}
-        return pick(rng, TEMPLATES[relation]).format(a=phrase(a), b=phrase(b)), params
+        return pick(rng, templates[relation]).format(a=phrase(a), b=phrase(b)), params
     return None
 
 
-def make_question(scene: dict, question_type: str, rng: np.random.Generator) -> tuple[str, dict] | None:
-    """A (question, params) of the given type with a unique exact answer, or None if none exists."""
+def make_question(
+    scene: dict, question_type: str, rng: np.random.Generator, templates: dict = TEMPLATES
+) -> tuple[str, dict] | None:
+    """A (question, params) of the given type with a unique exact answer, or None if none exists.
+
+    `templates` is the wording to draw from: TEMPLATES, or SHIFTED_TEMPLATES for the shifted split.
+    """
     if question_type in ("color", "shape", "size"):
-        return _attribute_question(scene, question_type, rng)
+        return _attribute_question(scene, question_type, rng, templates)
     if question_type == "count":
-        return _count_question(scene, rng)
+        return _count_question(scene, rng, templates)
     if question_type == "exists":
-        return _exists_question(scene, rng)
+        return _exists_question(scene, rng, templates)
     if question_type == "spatial":
-        return _spatial_question(scene, rng)
+        return _spatial_question(scene, rng, templates)
     raise ValueError(f"unknown question type {question_type!r}; valid types are {QUESTION_TYPES}")
 
 
-def questions(scene: dict, rng: np.random.Generator, n: int) -> list[dict]:
+def questions(scene: dict, rng: np.random.Generator, n: int, templates: dict = TEMPLATES) -> list[dict]:
     """Up to n questions of distinct types, each {"question_type", "question", "params", "answer"}."""
     out: list[dict] = []
     for i in rng.permutation(len(QUESTION_TYPES)):
         qtype = QUESTION_TYPES[i]
-        made = make_question(scene, qtype, rng)
+        made = make_question(scene, qtype, rng, templates)
         if made is not None:
             text, params = made
             out.append(
@@ -280,6 +469,13 @@ def questions(scene: dict, rng: np.random.Generator, n: int) -> list[dict]:
         if len(out) == n:
             break
     return out
+
+
+def vqa_prompt(question: str, rng: np.random.Generator, instructions: Sequence[str] = INSTRUCTIONS) -> str:
+    """A single-turn VQA prompt: the question, then an answer-format instruction (none in NO_INSTRUCTION)."""
+    if rng.random() < NO_INSTRUCTION:
+        return question
+    return f"{question}\n{pick(rng, instructions)}"
 
 
 def _left_to_right(scene: dict) -> list[dict]:

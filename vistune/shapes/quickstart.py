@@ -1,10 +1,13 @@
 """`vistune quickstart`: the whole recipe on the embedded default, from a fresh clone, offline.
 
 1. generate the shapes world (skipped when OUT/data is already complete);
-2. train `configs/quickstart.yaml`: a from-scratch ResNet pretrained on scene graphs (no LLM), then
+2. train the profile's recipe (`configs/quickstart.yaml` on a CPU, `configs/quickstart_gpu.yaml` on a
+   CUDA device, printed first): a from-scratch ResNet pretrained on scene graphs (no LLM), then
    LoRA on SmolLM2-135M-Instruct tuned on conversations and VQA, reading each image through the
    object_words projector as "small red star 3 7, ...";
-3. evaluate on the held-out test split and the compositional split, print a table and example answers.
+3. evaluate VQA on the held-out test split, the compositional split (unseen colour+shape pairs) and the
+   shifted split (unseen canvases, backgrounds and wordings), POPE on the test split, and plain-text
+   questions against the base SmolLM2; print a table and example answers.
 
 Everything lands in OUT: data/, model/ (loadable by `vistune chat` and `vistune eval`), metrics.jsonl,
 loss.png, eval/ (reports, predictions, sample grids) and quickstart.json (the figures and timings).
@@ -21,18 +24,30 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from vistune.config import load_config
+from vistune.eval.loaders import load_llava
+from vistune.eval.run import run_eval
+from vistune.eval.text_bench import retention, text_records
 from vistune.infer.generate import load_generator
-from vistune.shapes.suite import run_suite
+from vistune.shapes.replay import write_replay
+from vistune.shapes.suite import SHAPES_FILES, run_suite
 from vistune.shapes.synth import synthesize
 from vistune.train.run import train
 
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
-SPLITS = {"train": 8000, "val": 200, "test": 500, "compositional": 500}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# The same command on any machine: the 2-core CPU recipe, or on a CUDA device larger batches and more steps.
+PROFILES = {"cpu": CONFIGS / "quickstart.yaml", "gpu": CONFIGS / "quickstart_gpu.yaml"}
+REPLAY = "train/text_replay.json"  # the base LLM's answers to plain-text prompts (the recipes train on it)
+RECIPE = PROFILES["cpu"]  # the recipe the CPU benchmarks measure
+SPLITS = {"train": 8000, "val": 200, "test": 500, "compositional": 500, "shifted": 500}
+EVAL_SPLITS = ("test", "compositional", "shifted")  # scored, each the size of test
 
 
-def make_data(data_dir: Path, sizes: dict[str, int], seed: int) -> None:
-    """Synthesize into a temporary dir and rename it into place, so a half-written dataset never counts."""
+def make_data(data_dir: Path, sizes: dict[str, int], seed: int, base: str) -> None:
+    """Synthesize the shapes world and the base LLM's text replay (`replay.py`) into a temporary dir and
+    rename it into place, so a half-written dataset never counts."""
     if (data_dir / "manifest.json").is_file():
         print(f"data: reusing {data_dir}")
         return
@@ -41,8 +56,12 @@ def make_data(data_dir: Path, sizes: dict[str, int], seed: int) -> None:
     print(f"data: generating the shapes world ({sizes}) into {data_dir}", flush=True)
     start = time.perf_counter()
     synthesize(tmp, sizes=sizes, seed=seed, workers=min(2, os.cpu_count() or 1))
+    replayed = write_replay(tmp / REPLAY, base)
     os.replace(tmp, data_dir)
-    print(f"data: {sum(sizes.values())} images in {time.perf_counter() - start:.1f} s", flush=True)
+    seconds = time.perf_counter() - start
+    print(
+        f"data: {sum(sizes.values())} images, {replayed} text replay records in {seconds:.1f} s", flush=True
+    )
 
 
 def examples(eval_dir: Path, n: int = 6) -> list[dict]:
@@ -57,28 +76,48 @@ def main_quickstart(argv: list[str] | None = None) -> int:
     """Generate data, train the embedded default through all stages, evaluate, report."""
     parser = argparse.ArgumentParser(prog="vistune quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart", help="run directory")
-    parser.add_argument("--config", default=str(RECIPE), help="recipe (default: configs/quickstart.yaml)")
+    parser.add_argument(
+        "--profile",
+        choices=("auto", *PROFILES),
+        default="auto",
+        help="recipe: auto picks gpu on a CUDA device",
+    )
+    parser.add_argument("--config", help="a recipe of your own (instead of the profile's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     parser.add_argument("--train-images", type=int, default=SPLITS["train"])
-    parser.add_argument("--test-images", type=int, default=SPLITS["test"])
+    parser.add_argument("--test-images", type=int, default=SPLITS["test"], help="images per scored split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     parser.add_argument("--eval-limit", type=int, default=500, help="VQA questions per split (0: all)")
+    parser.add_argument(
+        "--base",
+        default="smollm2",
+        help="the base LLM: it writes the text replay and is compared on plain text",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     started = time.perf_counter()
-    sizes = SPLITS | {"train": args.train_images, "test": args.test_images, "compositional": args.test_images}
-    make_data(out / "data", sizes, args.seed)
+    sizes = SPLITS | {"train": args.train_images} | {split: args.test_images for split in EVAL_SPLITS}
+    make_data(out / "data", sizes, args.seed, args.base)
     data_time = time.perf_counter() - started
-    cfg = load_config(args.config, [f"data_root={out / 'data'}", f"out={out}", *args.set])
+    profile = "custom" if args.config else pick_profile(args.profile)
+    recipe = Path(args.config) if args.config else PROFILES[profile]
+    print(f"profile: {profile} ({recipe}; {device_name()})", flush=True)
+    cfg = load_config(recipe, [f"data_root={out / 'data'}", f"out={out}", *args.set])
     model_dir = train(cfg, resume=True)
     train_time = time.perf_counter() - started - data_time
-    results = evaluate(model_dir, out / "data", out / "eval", args.batch_size, args.eval_limit or None)
+    results = evaluate(
+        model_dir, out / "data", out / "eval", args.batch_size, args.eval_limit or None, args.base
+    )
     summary = {
         "seconds": {"data": round(data_time, 1), "train": round(train_time, 1),
                     "eval": round(time.perf_counter() - started - data_time - train_time, 1),
                     "total": round(time.perf_counter() - started, 1)},
-        "vqa": {split: results[split]["vqa"] for split in ("test", "compositional")},
+        "profile": profile,
+        "device": device_name(),
+        "vqa": {split: results[split]["vqa"] for split in EVAL_SPLITS},
+        "pope": results["pope"],
+        "text": results["text"],
         "peak_memory_gb": round(peak_memory_gb(), 2),
         "model": str(model_dir),
     }  # fmt: skip
@@ -93,23 +132,64 @@ def peak_memory_gb() -> float:
     return max(usage) * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
-def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, batch_size: int, limit: int | None) -> dict:
-    """VQA on the test and compositional splits (the first `limit` questions of each), with reports."""
+def pick_profile(asked: str) -> str:
+    """The profile to run: as asked, or for `auto` gpu where CUDA is available and cpu elsewhere."""
+    if asked != "auto":
+        return asked
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def device_name() -> str:
+    """What the run trains on, for the report."""
+    if torch.cuda.is_available():
+        return f"CUDA: {torch.cuda.get_device_name(0)}"
+    return f"CPU: {os.cpu_count()} cores"
+
+
+def evaluate(
+    model_dir: Path, data_dir: Path, eval_dir: Path, batch_size: int, limit: int | None, base_llm: str
+) -> dict:
+    """VQA on EVAL_SPLITS (the first `limit` questions of each) and POPE on the test split's first
+    `limit` probes, with reports; and the built-in text questions, asked of the model and of its base
+    LLM (what visual instruction tuning kept of the LLM's plain-text skills)."""
     predictor = load_generator(str(model_dir), batch_size=batch_size)
-    return run_suite(predictor, data_dir, eval_dir, tasks=("vqa",), batch_size=batch_size, limit=limit)
+    results = run_suite(
+        predictor, data_dir, eval_dir, EVAL_SPLITS, tasks=("vqa",), batch_size=batch_size, limit=limit
+    )
+    probes = load_llava(data_dir / "test" / SHAPES_FILES["pope"])[:limit]
+    results["pope"] = run_eval(
+        predictor, probes, "pope", eval_dir / "test" / "pope", image_root=data_dir / "images",
+        info={"split": "test"}, batch_size=batch_size,
+    )  # fmt: skip
+    questions = text_records()
+    text = run_eval(predictor, questions, "text", eval_dir / "text", batch_size=batch_size)
+    del predictor
+    base = load_generator(base_llm, batch_size=batch_size)
+    base_text = run_eval(base, questions, "text", eval_dir / "text" / "base", info={"model": base_llm},
+                         batch_size=batch_size)  # fmt: skip
+    results["text"] = retention(text, base_text) | {"base": base_llm}
+    return results
 
 
 def print_summary(summary: dict, out: Path) -> None:
     """The accuracy table by question type, and a few example answers."""
     vqa = summary["vqa"]
-    splits = ("test", "compositional")
+    widths = [max(8, len(split) + 2) for split in EVAL_SPLITS]
     print("\nexact-match accuracy on held-out single-turn VQA")
-    print(f"{'question type':<16}{'test':>8}{'compositional':>15}")
+    print(f"{'question type':<16}" + "".join(f"{s:>{w}}" for s, w in zip(EVAL_SPLITS, widths, strict=True)))
     for qtype in sorted(vqa["test"].get("by_question_type", {})):
-        cells = [vqa[s]["by_question_type"].get(qtype, {}).get("accuracy") for s in splits]
-        print(f"{qtype:<16}" + "".join(_cell(c, w) for c, w in zip(cells, (8, 15), strict=True)))
+        cells = [vqa[s]["by_question_type"].get(qtype, {}).get("accuracy") for s in EVAL_SPLITS]
+        print(f"{qtype:<16}" + "".join(_cell(c, w) for c, w in zip(cells, widths, strict=True)))
+    cells = [vqa[s]["exact_match"] for s in EVAL_SPLITS]
+    print(f"{'all':<16}" + "".join(_cell(c, w) for c, w in zip(cells, widths, strict=True)))
+    pope, text = summary["pope"]["overall"], summary["text"]
     print(
-        f"{'all':<16}{_cell(vqa['test']['exact_match'], 8)}{_cell(vqa['compositional']['exact_match'], 15)}"
+        f"\nPOPE (test, {pope['n']} probes): F1 {pope['f1']:.3f}, precision {pope['precision']:.3f}, "
+        f"recall {pope['recall']:.3f}, yes ratio {pope['yes_ratio']:.2f}"
+    )
+    print(
+        f"plain-text questions: model {text['model_accuracy']:.3f}, "
+        f"base {text['base']} {text['base_accuracy']:.3f} (retained {_ratio(text['retention'])})"
     )
     print("\nexamples (test split):")
     for row in examples(out / "eval"):
@@ -117,6 +197,10 @@ def print_summary(summary: dict, out: Path) -> None:
         print(f"  [{'ok ' if row.get('correct') else 'bad'}] {question}")
         print(f"        model: {row['answer']!r}   reference: {row['references'][0]!r}")
     print(f"\ntimes (s): {summary['seconds']}; peak memory {summary['peak_memory_gb']} GB; run dir: {out}")
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _cell(value: float | None, width: int) -> str:

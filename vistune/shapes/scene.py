@@ -9,6 +9,8 @@ counts, positions) in a fraction of the time that learning it through a frozen L
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from vistune.config import Stage
+from vistune.data.augment import augment, mirror_grid
 from vistune.data.images import load_image
 from vistune.model.vlm import VLM
 from vistune.shapes.questions import COLORS, SHAPES, SIZES
 from vistune.shapes.scenes import load_scenes
 from vistune.shapes.words import ObjectWords, VisualWords
-from vistune.train.objective import StageContext
+from vistune.train.objective import Batcher, StageContext, move_to, pixel_fn
 
 ATTRIBUTES = {"color": COLORS, "shape": SHAPES, "size": SIZES}
 # Most cells are empty; without weighting, "empty" dominates the loss and the attributes of the few
@@ -69,9 +72,34 @@ def cell_offsets(scene: dict, grid: tuple[int, int]) -> tuple[torch.Tensor, torc
     return offsets, best < float("inf")
 
 
+def mirror_targets(
+    targets: torch.Tensor,
+    offsets: torch.Tensor,
+    near: torch.Tensor,
+    grid: tuple[int, int],
+    flipped: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's cell targets, offsets and near-masks for images flipped left to right (`flipped`)."""
+    targets, offsets, near = (mirror_grid(t, grid, flipped) for t in (targets, offsets, near))
+    # a centre x cell sides right of its cell's left edge lies 1 - x right of the mirrored cell's edge
+    mirrored = offsets * offsets.new_tensor([-1.0, 1.0]) + offsets.new_tensor([1.0, 0.0])
+    return targets, torch.where(flipped[:, None, None], mirrored, offsets), near
+
+
 def _weights(targets: torch.Tensor) -> torch.Tensor:
     """(B, h*w) loss weight per cell: OBJECT_WEIGHT where an object's centre lies, 1 elsewhere."""
     return 1.0 + (OBJECT_WEIGHT - 1.0) * (targets[..., 0] > 0).float()
+
+
+def scene_batch(items: list[tuple], pixels: Callable[[list[Any]], torch.Tensor], indices: list[int]) -> dict:
+    """The scene objective's host part: pixels, per-cell targets, offsets and near-masks (CPU tensors)."""
+    paths, targets, offsets, near = zip(*(items[i] for i in indices), strict=True)
+    return {
+        "pixel_values": pixels([load_image(p) for p in paths]),
+        "targets": torch.stack(targets),
+        "offsets": torch.stack(offsets),
+        "near": torch.stack(near),
+    }
 
 
 class SceneObjective(nn.Module):
@@ -84,6 +112,7 @@ class SceneObjective(nn.Module):
         if any(d.where for d in stage.data):
             raise ValueError(f"stage {stage.name!r}: `where` filters records; scene files have none")
         self.model, self.device, self.grid = model, ctx.device, model.vision.grid
+        self.augment = stage.augment
         model.vision.train()  # BatchNorm learns its statistics here
         dim = model.vision.hidden_size
         self.heads = nn.ModuleDict(
@@ -114,30 +143,37 @@ class SceneObjective(nn.Module):
         """The tower and the heads learn together, at the vision learning rate."""
         return {"vision": [*self.model.vision.parameters(), *self.heads.parameters()]}
 
+    def batcher(self) -> Batcher:
+        return functools.partial(scene_batch, self.items, pixel_fn(self.model.vision))
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return move_to(batch, self.device)
+
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        paths, targets, offsets, near = zip(*(self.items[i] for i in indices), strict=True)
-        pixels = self.model.vision.preprocess([load_image(p) for p in paths])
-        return {
-            "pixel_values": pixels.to(self.device),
-            "targets": torch.stack(targets).to(self.device),
-            "offsets": torch.stack(offsets).to(self.device),
-            "near": torch.stack(near).to(self.device),
-        }
+        return self.to_device(self.batcher()(indices))
 
     def count(self, batch: dict[str, Any]) -> int:
         return batch["targets"].numel()
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         h, w = self.grid
-        feats = self.model.vision(batch["pixel_values"])[:, -h * w :]  # (B, h*w, D), CLS dropped
-        weights = _weights(batch["targets"]).flatten()
+        pixels, targets, offsets, near = (batch[k] for k in ("pixel_values", "targets", "offsets", "near"))
+        colour_weight = shape_weight = torch.ones(pixels.shape[0], 1, device=pixels.device)
+        if self.training and self.augment.active():
+            pixels, drawn = augment(pixels, self.augment, self.model.vision.mean, self.model.vision.std)
+            targets, offsets, near = mirror_targets(targets, offsets, near, self.grid, drawn.flipped)
+            colour_weight = (~drawn.grey).float()[:, None]  # a grey copy's colours cannot be known
+            shape_weight = (~drawn.blurred).float()[:, None]  # nor a blurred copy's shapes
+        feats = self.model.vision(pixels)[:, -h * w :]  # (B, h*w, D), CLS dropped
+        weights = _weights(targets)
         loss = feats.new_zeros(())
         for k, name in enumerate(ATTRIBUTES):
             logits = self.heads[name](feats)  # (B, h*w, classes)
-            ce = F.cross_entropy(logits.flatten(0, 1), batch["targets"][..., k].flatten(), reduction="none")
-            loss = loss + (ce * weights).sum()
+            ce = F.cross_entropy(logits.flatten(0, 1), targets[..., k].flatten(), reduction="none")
+            cell_weights = weights * {"color": colour_weight, "shape": shape_weight}.get(name, 1.0)
+            loss = loss + (ce * cell_weights.flatten()).sum()
         # Where the nearest object's centre lies: what positions ("left of", "above") are read from.
-        error = (self.heads["offset"](feats) - batch["offsets"]).abs() * batch["near"][..., None]
+        error = (self.heads["offset"](feats) - offsets).abs() * near[..., None]
         return loss + OFFSET_WEIGHT * error.sum()
 
     def finish(self) -> None:

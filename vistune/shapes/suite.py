@@ -1,8 +1,9 @@
-"""The shapes suite: every evaluation task on the shapes world's test and compositional splits.
+"""The shapes suite: every evaluation task on the shapes world's test, compositional and shifted splits.
 
 `run_suite` runs VQA, captioning, POPE and classification on each split (and the built-in text set
-once), writes each task's report and one report comparing the splits. `vistune eval MODEL --suite
-shapes --data DIR` runs it from the command line.
+once), writes each task's report and one report comparing the splits. The compositional split asks
+about unseen colour+shape pairs; the shifted split draws unseen canvases and backgrounds and words its
+questions in unseen ways. `vistune eval MODEL --suite shapes --data DIR` runs it from the command line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vistune.eval.run import Predictor, run_eval
 from vistune.eval.text_bench import text_records
 from vistune.infer.generate import load_generator
 
+SUITE_SPLITS = ("test", "compositional", "shifted")
 SHAPES_FILES = {
     "vqa": "vqa.json",
     "caption": "captions.json",
@@ -36,11 +38,24 @@ def shapes_labels(data_dir: str | Path) -> list[str]:
     return [str(x) for x in manifest["labels"]]
 
 
+def suite_splits(data_dir: str | Path) -> tuple[str, ...]:
+    """The SUITE_SPLITS the dataset holds: a DIR/<split>/ folder, and not 0 images in manifest 'sizes'.
+
+    Datasets written before the shifted split existed have no shifted folder, so they score as before.
+    """
+    data_dir = Path(data_dir)
+    sizes = json.loads((data_dir / "manifest.json").read_text()).get("sizes") or {}
+    splits = tuple(s for s in SUITE_SPLITS if (data_dir / s).is_dir() and sizes.get(s) != 0)
+    if not splits:
+        raise ValueError(f"{data_dir}: holds none of the splits {SUITE_SPLITS} (sizes: {sizes})")
+    return splits
+
+
 def run_suite(
     predictor: Predictor,
     data_dir: str | Path,
     out_dir: str | Path,
-    splits: Sequence[str] = ("test", "compositional"),
+    splits: Sequence[str] | None = None,
     tasks: Sequence[str] = ("vqa", "caption", "pope", "classify", "text"),
     batch_size: int = 8,
     limit: int | None = None,
@@ -50,9 +65,11 @@ def run_suite(
     """Every task on each shapes-world split; returns {split: {task: metrics}, "text": metrics}.
 
     Writes OUT/<split>/<task>/ (each task's report), OUT/text/ and OUT/report.md comparing splits.
-    `limit` caps records per file (for quick looks). The text task does not depend on the split.
+    `splits` defaults to the SUITE_SPLITS the dataset holds (`suite_splits`). `limit` caps records per
+    file (for quick looks). The text task does not depend on the split.
     """
     data_dir, out = Path(data_dir), Path(out_dir)
+    splits = suite_splits(data_dir) if splits is None else tuple(splits)
     labels = shapes_labels(data_dir) if "classify" in tasks else None
     results: dict = {}
     for split in splits:
@@ -73,7 +90,7 @@ def run_suite(
 
 
 def main_suite(argv: list[str] | None = None) -> int:
-    """`vistune eval MODEL --suite shapes --data DIR`: every task on the shapes world's splits."""
+    """`vistune eval MODEL --suite shapes --data DIR`: every task on the shapes world's scored splits."""
     p = argparse.ArgumentParser(prog="vistune eval --suite shapes", description=main_suite.__doc__)
     p.add_argument("model_dir", help="trained model directory")
     p.add_argument("--data", required=True, help="the shapes world directory (vistune data synth --out)")

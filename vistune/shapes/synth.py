@@ -1,7 +1,9 @@
 """`vistune data synth`: the shapes world as a complete dataset, byte-identical for a seed and sizes.
 
-Scene graphs come from `vistune.shapes.scenes`, drawings from `render`, every text from `questions` and
-`pope`; this module renders and describes them in worker processes and writes the result.
+Scene graphs come from `vistune.shapes.scenes` (their drawing style from `style`), drawings from
+`render`, every text from `questions` and `pope`; this module renders and describes them in worker
+processes and writes the result. The shifted split's texts use the held-out wordings
+(`questions.SHIFTED_TEMPLATES`, `questions.SHIFTED_INSTRUCTIONS`).
 
 Layout written by `synthesize(out, ...)`:
     scenes/<split>.jsonl           one scene graph per line (the source of every text)
@@ -32,14 +34,15 @@ from pathlib import Path
 from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.shapes import pope
 from vistune.shapes import questions as Q
+from vistune.shapes import style as St
 from vistune.shapes.outdir import check_out, move_into_place, staging_dir
-from vistune.shapes.render import COLOR_RGB
 from vistune.shapes.scenes import (
     HELD_OUT,
     MAX_OBJECTS,
     MIN_IMAGE_SIZE,
-    RADIUS,
+    SHIFTED,
     SPLITS,
+    STREAMS,
     render,
     rng_for,
     sample_scene,
@@ -47,6 +50,7 @@ from vistune.shapes.scenes import (
 
 TASKS = ("captions", "detailed", "vqa", "conversations", "pope", "classify")
 VQA_PER_IMAGE = 3
+DEFAULT_SIZES = {"train": 8000, "val": 500, "test": 500, "compositional": 500, "shifted": 500}
 CHUNK = 250  # images per worker job
 
 
@@ -61,28 +65,29 @@ def _llava(rid: str, image: str, pairs: Sequence[tuple[str, str]], **extra) -> d
 
 def scene_texts(scene: dict, seed: int) -> dict[str, list[dict]]:
     """All LLaVA records of one scene except POPE (which needs training-split statistics)."""
-    rng = rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), 1)
+    rng = rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), STREAMS["texts"])
+    held_out = scene["split"] == SHIFTED
+    templates = Q.SHIFTED_TEMPLATES if held_out else Q.TEMPLATES
+    instructions = Q.SHIFTED_INSTRUCTIONS if held_out else Q.INSTRUCTIONS
     sid, img = scene["id"], scene["image"]
     out: dict[str, list[dict]] = {
-        "captions": [
-            _llava(f"{sid}-caption", img, [(Q.pick(rng, Q.TEMPLATES["caption"]), Q.caption(scene))])
-        ],
+        "captions": [_llava(f"{sid}-caption", img, [(Q.pick(rng, templates["caption"]), Q.caption(scene))])],
         "detailed": [
-            _llava(f"{sid}-detailed", img, [(Q.pick(rng, Q.TEMPLATES["detailed"]), Q.detailed(scene, rng))])
+            _llava(f"{sid}-detailed", img, [(Q.pick(rng, templates["detailed"]), Q.detailed(scene, rng))])
         ],
     }
     out["vqa"] = [
         _llava(
             f"{sid}-vqa{i}",
             img,
-            [(f"{q['question']}\n{Q.SHORT_ANSWER}", q["answer"])],
+            [(Q.vqa_prompt(q["question"], rng, instructions), q["answer"])],
             question_type=q["question_type"],
             answer=q["answer"],
             params=q["params"],
         )
-        for i, q in enumerate(Q.questions(scene, rng, VQA_PER_IMAGE))
+        for i, q in enumerate(Q.questions(scene, rng, VQA_PER_IMAGE, templates))
     ]
-    turns = Q.questions(scene, rng, int(rng.integers(2, 6)))
+    turns = Q.questions(scene, rng, int(rng.integers(2, 6)), templates)
     out["conversations"] = [
         _llava(
             f"{sid}-conv",
@@ -100,7 +105,7 @@ def scene_texts(scene: dict, seed: int) -> dict[str, list[dict]]:
 
 def pope_records(scene: dict, seed: int, stats: dict) -> list[dict]:
     """The POPE probes of one scene as LLaVA records."""
-    rng = rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), 3)
+    rng = rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), STREAMS["pope"])
     records, seen = [], {s: 0 for s in pope.POPE_SETTINGS}
     for p in pope.pope_probes(scene, rng, stats):
         rid = f"{scene['id']}-pope-{p['setting']}-{seen[p['setting']]}"
@@ -135,7 +140,7 @@ def _render_and_describe(job: tuple) -> list[dict[str, list[dict]]]:
     return texts
 
 
-def _generate(out: Path, sizes: dict[str, int], seed: int, image_size: int, workers: int) -> tuple:
+def _generate(out: Path, sizes: dict[str, int], seed: int, image_size: int | None, workers: int) -> tuple:
     """Sample every scene, then render and describe them, over fixed chunks in a fixed order.
 
     Chunks are the same whatever the worker count and results come back in job order, so the output
@@ -184,11 +189,13 @@ def _write_split(out: Path, split: str, scenes: list[dict], texts: list[dict]) -
     return counts
 
 
-def _check_arguments(sizes: dict[str, int], image_size: int = 64, workers: int = 1) -> dict[str, int]:
+def _check_arguments(
+    sizes: dict[str, int], image_size: int | None = None, workers: int = 1
+) -> dict[str, int]:
     """Every split's image count (missing splits: 0), once the arguments of `synthesize` are checked.
 
     Raises ValueError naming the split or argument: unknown splits, counts that are not whole numbers
-    >= 0, no image at all, an image side under MIN_IMAGE_SIZE, fewer than one worker.
+    >= 0, no image at all, an image side (when given) under MIN_IMAGE_SIZE, fewer than one worker.
     """
     unknown = set(sizes) - set(SPLITS)
     if unknown:
@@ -196,7 +203,8 @@ def _check_arguments(sizes: dict[str, int], image_size: int = 64, workers: int =
     sizes = {split: _whole(n, f"the number of {split} images", 0) for split, n in sizes.items()}
     if not any(sizes.values()):
         raise ValueError(f"nothing to write: every split has 0 images ({sizes})")
-    _whole(image_size, "the image side in pixels", MIN_IMAGE_SIZE)
+    if image_size is not None:
+        _whole(image_size, "the image side in pixels", MIN_IMAGE_SIZE)
     _whole(workers, "workers", 1)
     return {s: 0 for s in SPLITS} | dict(sizes)
 
@@ -216,7 +224,7 @@ def synthesize(
     out: str | Path,
     sizes: dict[str, int] | None = None,
     seed: int = 0,
-    image_size: int = 64,
+    image_size: int | None = None,
     workers: int = 2,
     imagefolder: bool = False,
 ) -> dict:
@@ -225,18 +233,17 @@ def synthesize(
     Args:
         out: output directory: missing, empty, or a previous output (replaced as a whole); the data is
             written beside it first and renamed into place when complete.
-        sizes: images per split, e.g. {"train": 8000, "val": 500, "test": 500, "compositional": 500}.
+        sizes: images per split, e.g. {"train": 8000, "val": 500, "test": 500, "compositional": 500,
+            "shifted": 500} (DEFAULT_SIZES); a split left out gets none.
         seed: the seed every image's Generator derives from.
-        image_size: side of the square images in pixels (at least MIN_IMAGE_SIZE).
+        image_size: side of every square image in pixels (at least MIN_IMAGE_SIZE); None (default)
+            draws each image's side from its split's canvases (`style.SEEN_CANVASES`, and
+            `style.SHIFTED_CANVASES` for the shifted split).
         workers: processes rendering images (1 = in this process).
         imagefolder: also write imagefolder/<split>/<label>/<id>.png hard links.
     Raises ValueError for bad arguments or an `out` that may not be written (see `_check_arguments`).
     """
-    sizes = _check_arguments(
-        sizes if sizes is not None else {"train": 8000, "val": 500, "test": 500, "compositional": 500},
-        image_size,
-        workers,
-    )
+    sizes = _check_arguments(sizes if sizes is not None else DEFAULT_SIZES, image_size, workers)
     out = Path(out).resolve()
     replace = check_out(out)
     tmp = staging_dir(out)
@@ -248,7 +255,9 @@ def synthesize(
     return manifest
 
 
-def _write_all(out: Path, sizes: dict, seed: int, image_size: int, workers: int, imagefolder: bool) -> dict:
+def _write_all(
+    out: Path, sizes: dict, seed: int, image_size: int | None, workers: int, imagefolder: bool
+) -> dict:
     """Generate and write every file of the dataset into `out` (an empty directory)."""
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -262,20 +271,39 @@ def _write_all(out: Path, sizes: dict, seed: int, image_size: int, workers: int,
     return manifest
 
 
-def _manifest(seed: int, image_size: int, sizes: dict, stats: dict, counts: dict) -> dict:
+def _manifest(seed: int, image_size: int | None, sizes: dict, stats: dict, counts: dict) -> dict:
     popular = sorted((Q.combo_name(c) for c in Q.COMBOS), key=lambda n: -stats["frequency"].get(n, 0))
     return {
         "seed": seed,
         "image_size": image_size,
         "sizes": sizes,
         "vocab": {"colors": list(Q.COLORS), "shapes": list(Q.SHAPES), "sizes": list(Q.SIZES)},
-        "color_rgb": COLOR_RGB,
-        "radius_fraction": RADIUS,
+        "color_rgb": St.COLOR_RGB,
+        "color_hsv_ranges": St.HUES,
+        "radius_fraction": St.RADIUS,
+        "style": {
+            "canvases": list(St.SEEN_CANVASES),
+            "backgrounds": list(St.SEEN_BACKGROUNDS),
+            "supersample": list(St.SUPERSAMPLES),
+            "outlines": St.OUTLINES,
+            "star_inner": list(St.STAR_INNER),
+            "min_aspect": St.MIN_ASPECT,
+            "min_circle_aspect": St.MIN_CIRCLE_ASPECT,
+            "max_rotation": St.MAX_ROTATION,
+        },
         "max_objects": MAX_OBJECTS,
         "held_out": [list(c) for c in HELD_OUT],
+        "shifted": {  # what only the shifted split uses
+            "canvases": list(St.SHIFTED_CANVASES),
+            "backgrounds": list(St.SHIFTED_BACKGROUNDS),
+            "templates": Q.SHIFTED_TEMPLATES,
+            "instructions": list(Q.SHIFTED_INSTRUCTIONS),
+        },
         "labels": list(Q.LABELS),
         "label_rule": "majority shape; ties go to the tied shape of the leftmost object (smallest x, then y)",
         "question_types": list(Q.QUESTION_TYPES),
+        "instructions": list(Q.INSTRUCTIONS),
+        "no_instruction_fraction": Q.NO_INSTRUCTION,
         "spatial_margin": Q.SPATIAL_MARGIN,
         "pope_popular_ranking": popular,
         "counts": counts,
@@ -311,17 +339,27 @@ def main_synth(argv: list[str] | None = None) -> int:
     """`vistune data synth`: write the shapes-world dataset."""
     p = argparse.ArgumentParser(prog="vistune data synth", description=main_synth.__doc__)
     p.add_argument("--out", required=True, help="output directory (new, empty, or a previous synth output)")
-    for split, default in (("train", 8000), ("val", 500), ("test", 500), ("compositional", 500)):
+    for split, default in DEFAULT_SIZES.items():
         p.add_argument(f"--{split}", type=_count, default=default, help=f"{split} images (default {default})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64, help=f"image side in pixels (>= {MIN_IMAGE_SIZE})")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help=f"one image side in pixels for every image (>= {MIN_IMAGE_SIZE}); default: drawn per image",
+    )
     p.add_argument("--workers", type=int, default=2, help="rendering processes (>= 1)")
     p.add_argument("--imagefolder", action="store_true", help="also write imagefolder/<split>/<label>/")
+    p.add_argument(
+        "--replay-base",
+        metavar="LLM",
+        help="also write train/text_replay.json: this LLM's answers to plain-text prompts (the quickstart "
+        "recipes train on it; e.g. smollm2)",
+    )
     args = p.parse_args(argv)
     sizes = {s: getattr(args, s) for s in SPLITS}
     if not any(sizes.values()):
-        p.error("nothing to write: --train, --val, --test and --compositional are all 0")
-    if args.image_size < MIN_IMAGE_SIZE:
+        p.error("nothing to write: --train, --val, --test, --compositional and --shifted are all 0")
+    if args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
         p.error(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
     if args.workers < 1:
         p.error(f"--workers must be at least 1, got {args.workers}")
@@ -331,6 +369,16 @@ def main_synth(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"vistune data synth: error: {e}", file=sys.stderr)
         return 2
+    if args.replay_base:
+        from vistune.shapes.replay import write_replay  # loads an LLM: only when asked
+
+        if sizes["train"]:
+            try:
+                written = write_replay(Path(args.out) / "train" / "text_replay.json", args.replay_base)
+            except (OSError, ValueError) as e:
+                print(f"vistune data synth: error: --replay-base {args.replay_base}: {e}", file=sys.stderr)
+                return 2
+            print(f"text replay: {written} records answered by {args.replay_base}")
     seconds = time.perf_counter() - start
     total = sum(sizes.values())
     print(f"wrote {total} images to {args.out} in {seconds:.1f} s ({total / seconds:.0f} images/s)")

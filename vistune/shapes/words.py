@@ -25,6 +25,9 @@ class WordOptions:
     shuffle_factor: int = 2  # visual_words: f x f neighbouring tokens are summed into one
     slots: int = 6  # object_words: most objects an image is read as
     position_bins: int = 10  # object_words: x and y are each read as one digit 0..bins-1 (at most 10)
+    # object_words: one more token first, the number of objects found as a digit ("4: small red ...").
+    # A small LLM miscounts a list of six; read once by the tower, the total is a word to copy.
+    count: bool = False
 
     def __post_init__(self) -> None:
         if not self.words or not all(self.words):
@@ -35,6 +38,8 @@ class WordOptions:
             raise ValueError(f"slots must be at least 1, got {self.slots}")
         if not 2 <= self.position_bins <= 10:
             raise ValueError(f"position_bins must be 2..10 (one digit each), got {self.position_bins}")
+        if self.count and self.slots > 9:
+            raise ValueError(f"count is one digit: slots must be at most 9 with count, got {self.slots}")
 
 
 def word_options(cfg: ProjectorConfig) -> WordOptions:
@@ -125,7 +130,8 @@ class ObjectWords(nn.Module):
     surer cell votes for nearly the same centre (the same object seen twice): the `slots` surest, ordered
     left to right (then top to bottom). Each becomes `len(groups) + 2` tokens: per group the
     probability-weighted word embeddings, then the x and y of its centre as digits 0..bins-1
-    ("small red star 3 7"); unused slots read as "none". Word and digit vectors start as the LLM's own
+    ("small red star 3 7"); unused slots read as "none". With `count`, a first token says how many
+    objects were found, as a digit. Word and digit vectors start as the LLM's own
     embeddings, so the LLM reads the image much like a caption, and a `scene` stage's heads can
     initialise the classifiers and the regressor. The object choice and the digits are discrete; the
     word mixtures carry gradients to the classifiers.
@@ -149,10 +155,13 @@ class ObjectWords(nn.Module):
             )
         self.groups = [list(g) for g in options.words]
         self.grid, self.slots, self.bins = grid, options.slots, options.position_bins
+        self.count = options.count
         self.classifiers = nn.ModuleList(nn.Linear(in_dim, len(g) + 1) for g in self.groups)
         self.offset = nn.Linear(in_dim, 2)  # where the nearest object centre is, in cell sides
         self.words = nn.ParameterList(nn.Parameter(torch.randn(len(g), out_dim) * 0.02) for g in self.groups)
-        self.digits = nn.Parameter(torch.randn(self.bins, out_dim) * 0.02)
+        self.digits = nn.Parameter(
+            torch.randn(max(self.bins, self.slots + 1 if self.count else 0), out_dim) * 0.02
+        )
         self.none = nn.Parameter(torch.randn(out_dim) * 0.02)
         self.bind(ctx.word_embeddings, ctx.tokenizer)
 
@@ -162,7 +171,7 @@ class ObjectWords(nn.Module):
         for group, vectors in zip(self.groups, self.words, strict=True):
             for k, word in enumerate(group):
                 vectors[k] = _word_vector(embeddings, tokenizer, word).to(vectors.dtype)
-        for k in range(self.bins):
+        for k in range(len(self.digits)):
             self.digits[k] = _word_vector(embeddings, tokenizer, str(k)).to(self.digits.dtype)
         self.none.copy_(_word_vector(embeddings, tokenizer, "none").to(self.none.dtype))
 
@@ -212,12 +221,15 @@ class ObjectWords(nn.Module):
         tokens = [p @ vectors for p, vectors in zip(words, self.words, strict=True)]
         tokens += [self.digits[bins[..., 0]], self.digits[bins[..., 1]]]
         out = torch.stack(tokens, 2)  # (B, slots, tokens per object, Dl)
-        out = torch.where(found[..., None, None], out, self.none.to(out.dtype))
-        return out.flatten(1, 2)
+        out = torch.where(found[..., None, None], out, self.none.to(out.dtype)).flatten(1, 2)
+        if self.count:
+            out = torch.cat([self.digits[found.sum(1)][:, None].to(out.dtype), out], 1)
+        return out
 
     @torch.no_grad()
     def read(self, x: torch.Tensor) -> list[str]:
-        """What the LLM is shown, as text (most likely word per group): 'small red star 3 7, ...'."""
+        """What the LLM is shown, as text (most likely word per group): 'small red star 3 7, ...', after
+        "N: " with `count`."""
         found, words, bins = self.objects(x)
         best = torch.stack([p.argmax(-1) for p in words], -1).tolist()  # (B, slots, groups)
         bins, texts = bins.tolist(), []
@@ -230,8 +242,8 @@ class ObjectWords(nn.Module):
                 for j in range(self.slots)
                 if found[i, j]
             ]
-            texts.append(", ".join(objects))
+            texts.append((f"{len(objects)}: " if self.count else "") + ", ".join(objects))
         return texts
 
     def num_tokens(self, n: int) -> int:
-        return self.slots * (len(self.groups) + 2)
+        return self.slots * (len(self.groups) + 2) + self.count

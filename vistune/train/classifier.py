@@ -12,6 +12,7 @@ tower on an ImageFolder the same way, and drops the head afterwards.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.nn import functional as F
 
-from vistune.config import PREPROCESS, VISION_KINDS, Stage, VisionConfig
+from vistune.config import PREPROCESS, VISION_KINDS, Augment, Stage, VisionConfig
+from vistune.data.augment import augment
 from vistune.data.images import load_image
 from vistune.data.readers import load_records
 from vistune.data.validate import ensure_valid
@@ -35,7 +37,7 @@ from vistune.model.contrastive import load_contrastive
 from vistune.model.vision import VisionTower, build_vision_tower
 from vistune.model.vlm import VLM
 from vistune.train.loop import open_run, run_stages
-from vistune.train.objective import StageContext
+from vistune.train.objective import Batcher, StageContext, move_to, pixel_fn
 
 MODES = ("probe", "finetune")
 SPLITS = ("train", "val", "test")
@@ -82,7 +84,7 @@ def _splits(data: Path, tower: VisionTower, limit: int | None) -> dict[str, Fold
     if missing:
         raise ValueError(f"{data}: missing split folder(s) {missing}; expected {list(SPLITS)}")
     classes = load_records(data / "train").classes
-    return {s: FolderData(data / s, classes, tower.preprocess, limit) for s in SPLITS}
+    return {s: FolderData(data / s, classes, pixel_fn(tower), limit) for s in SPLITS}
 
 
 def _loader(ds: FolderData, batch_size: int) -> torch.utils.data.DataLoader:
@@ -119,17 +121,30 @@ def predict(model: Classifier, ds: FolderData, batch_size: int = 64) -> tuple[np
     return np.concatenate(preds), np.concatenate(ys)
 
 
+def folder_batch(data: FolderData, indices: list[int]) -> dict[str, Any]:
+    """The classify objective's host part: (B, 3, H, W) pixels and (B,) class indices."""
+    pixels, labels = zip(*(data[i] for i in indices), strict=True)
+    return {"pixels": torch.stack(pixels), "labels": torch.tensor(labels)}
+
+
 class ClassifierObjective(nn.Module):
     """Summed cross-entropy of a classifier on an ImageFolder split.
 
     `holds` is any other module a mid-stage checkpoint must restore (the run's VLM, whose tower this trains).
+    `augment` applies to every image as it is drawn; it must keep the class true (a flip of a digit may not).
     """
 
     def __init__(
-        self, model: Classifier, data: FolderData, device: torch.device, holds: nn.Module | None = None
+        self,
+        model: Classifier,
+        data: FolderData,
+        device: torch.device,
+        holds: nn.Module | None = None,
+        augment: Augment | None = None,
     ) -> None:
         super().__init__()
         self.model, self.data, self.device, self.holds = model.to(device), data, device, holds
+        self.augment = augment or Augment()
         model.train()  # the tower and head learn: BatchNorm in training mode
 
     def __len__(self) -> int:
@@ -147,18 +162,24 @@ class ClassifierObjective(nn.Module):
             "projector": list(self.model.head.parameters()),
         }
 
+    def batcher(self) -> Batcher:
+        return functools.partial(folder_batch, self.data)
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return move_to(batch, self.device)
+
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        pixels, labels = zip(*(self.data[i] for i in indices), strict=True)
-        return {
-            "pixels": torch.stack(pixels).to(self.device),
-            "labels": torch.tensor(labels, device=self.device),
-        }
+        return self.to_device(self.batcher()(indices))
 
     def count(self, batch: dict[str, Any]) -> int:
         return len(batch["labels"])
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return F.cross_entropy(self.model(batch["pixels"]), batch["labels"], reduction="sum")
+        pixels = batch["pixels"]
+        if self.training and self.augment.active():
+            tower = self.model.tower
+            pixels, _ = augment(pixels, self.augment, tower.mean, tower.std)  # a class holds in any view
+        return F.cross_entropy(self.model(pixels), batch["labels"], reduction="sum")
 
     def finish(self) -> None:
         """Nothing to hand on: the tower keeps what it learned, the head is dropped with the objective."""
@@ -172,8 +193,10 @@ def classify_stage(stage: Stage, model: VLM, ctx: StageContext) -> ClassifierObj
         )
     root = Path(stage.data[0].path)
     classes = load_records(root).classes
-    data = FolderData(root, classes, model.vision.preprocess, stage.data[0].limit, stage.on_bad_record)
-    return ClassifierObjective(Classifier(model.vision, len(classes)), data, ctx.device, holds=model)
+    data = FolderData(root, classes, pixel_fn(model.vision), stage.data[0].limit, stage.on_bad_record)
+    return ClassifierObjective(
+        Classifier(model.vision, len(classes)), data, ctx.device, holds=model, augment=stage.augment
+    )
 
 
 def _tower(args: argparse.Namespace) -> VisionTower:

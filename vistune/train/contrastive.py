@@ -16,6 +16,7 @@ eval mode, and a locked text tower's features are computed once per distinct cap
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +36,7 @@ from vistune.model.text_tower import build_text_tower
 from vistune.model.vision import build_vision_tower
 from vistune.model.vlm import VLM
 from vistune.train.loop import open_run, run_stages
-from vistune.train.objective import StageContext
+from vistune.train.objective import Batcher, StageContext, move_to, pixel_fn
 
 
 def checked_pairs(
@@ -58,6 +59,14 @@ def pair_of(record: Record, image_root: Path) -> tuple[Path, str]:
     if len(record.images) != 1:
         raise ValueError(f"{record.where()}: field images: contrastive pairs need exactly one image")
     return image_root / record.images[0], caption_of(record)
+
+
+def pair_batch(
+    pairs: Sequence[tuple[Path, str]], pixels: Callable[[list[Any]], torch.Tensor], indices: list[int]
+) -> dict[str, Any]:
+    """The contrastive objective's host part: the pairs' pixels (B, 3, H, W) and captions."""
+    paths, texts = zip(*(pairs[i] for i in indices), strict=True)
+    return {"pixel_values": pixels([load_image(p) for p in paths]), "texts": list(texts)}
 
 
 class ContrastiveObjective(nn.Module):
@@ -103,10 +112,14 @@ class ContrastiveObjective(nn.Module):
         heads += [m.logit_bias] if m.logit_bias is not None else []
         return {"vision": list(m.vision.parameters()), "projector": heads, "llm": list(m.text.parameters())}
 
+    def batcher(self) -> Batcher:
+        return functools.partial(pair_batch, self.pairs, pixel_fn(self.model.vision))
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return move_to(batch, self.device)
+
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        paths, texts = zip(*(self.pairs[i] for i in indices), strict=True)
-        pixels = self.model.vision.preprocess([load_image(p) for p in paths])
-        return {"pixel_values": pixels.to(self.device), "texts": list(texts)}
+        return self.to_device(self.batcher()(indices))
 
     def count(self, batch: dict[str, Any]) -> int:
         return len(batch["texts"])

@@ -7,6 +7,10 @@ dropped and counted. Truncation never cuts through image tokens. Images are deco
 check (as `load_image` decodes them when their batch is built; each file once, however many records
 share it), so a record whose image training could not load is caught here, and with `skip` it never
 reaches a batch, in this run or a resumed one.
+
+A micro-batch is right-padded rows, one record each (`collate`), or with `pack: true` several records
+per row (`collate_packed`): first-fit by length into rows of `pack_length` tokens, with position ids
+that restart at 0 for each record, from which transformers keeps attention inside each record.
 """
 
 from __future__ import annotations
@@ -98,6 +102,58 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, tokenizer) -> 
     if last_image >= max_length or all(label == IGNORE for label in labels[1:max_length]):
         return [], []
     return ids[:max_length], labels[:max_length]
+
+
+def pack_rows(samples: list[Sample], budget: int) -> list[list[int]]:
+    """Positions of `samples` grouped into rows of at most `budget` tokens: first-fit decreasing (each
+    record, longest first, goes into the first row with room), a pure function of the lengths.
+
+    A record longer than `budget` cannot be packed: the error names it (a stage's config keeps
+    `pack_length` at least `max_length`, and records are cut to `max_length`, so training never sees it).
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for k in sorted(range(len(samples)), key=lambda k: -len(samples[k].input_ids)):  # stable on ties
+        n = len(samples[k].input_ids)
+        if n > budget:
+            raise ValueError(f"{samples[k].where}: {n} tokens do not fit a packed row of {budget}")
+        row = next((r for r, free in enumerate(room) if free >= n), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(budget)
+        rows[row].append(k)
+        room[row] -= n
+    return rows
+
+
+def collate_packed(samples: list[Sample], pad_id: int, budget: int) -> dict:
+    """`collate` with several records per row (`pack_rows`): (R, W) ids and labels and (R, W) position ids
+    that restart at 0 for each record, and for the padding after a row's last record, so that
+    transformers masks attention to each record (no attention mask is passed).
+
+    The first label of each record is ignored: the token before it belongs to another record (unpacked,
+    a row's first label has no predecessor either). Images are listed in the order of their tokens in
+    the flattened rows, which is the order the model scatters their features in.
+    """
+    rows = [[samples[k] for k in row] for row in pack_rows(samples, budget)]
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            n = len(s.input_ids)
+            input_ids[r, start : start + n] = torch.tensor(s.input_ids)
+            labels[r, start + 1 : start + n] = torch.tensor(s.labels[1:])
+            mask[r, start : start + n] = 1
+            positions[r, start : start + n] = torch.arange(n)
+            start += n
+        positions[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
+    images = [path for row in rows for s in row for path in s.images]
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+    return out | {"images": images}
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict:

@@ -9,7 +9,9 @@ targets of the whole effective batch (all micro-batches, all processes). A step 
 the host (a stall on a GPU): a non-finite loss or gradient norm makes fused AdamW skip the update on
 the device (`found_inf`), and losses, counts and skips are read every `log_every` steps, before each
 checkpoint and at the stage's end; skipped steps are counted there and `MAX_BAD_STEPS` in a row stop
-the run (the schedule still advances on a skipped step). Checkpoints every `save_every` steps hold the
+the run (the schedule still advances on a skipped step). Micro-batches are built on the host by the
+objective's `batcher` (`host_steps`: here, or ahead of time in `stage.workers` DataLoader processes)
+and moved to the device by its `to_device` here. Checkpoints every `save_every` steps hold the
 objective (model and stage heads) with optimizer, scheduler, RNG and step, so `--resume` continues bit
 for bit; the end-of-stage checkpoint holds the model later stages start from, and the random state.
 """
@@ -19,8 +21,8 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,37 +161,76 @@ def fit(
     )
     pending: list[StepRecord] = []
     last = time.perf_counter()
-    for step in bar:
-        batches = step_batches(objective, accelerator, stage, run.seed + index, step)
-        loss, count, finite = train_step(wrapped, objective, prepared, accelerator, stage, batches)
-        scheduler.step()
-        now = time.perf_counter()
-        pending.append(StepRecord(step, loss, count, finite, scheduler.get_last_lr()[0], now - last))
-        last = now
-        done = step + 1 == steps
-        saving = done or (step + 1) % run.save_every == 0
-        if saving or (step + 1) % run.log_every == 0:
-            flush(run, stage, pending, bar)
-        if done:
-            objective.finish()  # e.g. merge LoRA adapters before the end-of-stage checkpoint
-            save(run, ckpt.gather_state(keep), index, step + 1, complete=True)
-        elif saving:
-            save(run, ckpt.gather_state(objective, optimizer, scheduler), index, step + 1, complete=False)
+    # closing: a run stopped mid-stage (an exception) shuts the DataLoader's workers down at once
+    with closing(host_steps(objective, accelerator, stage, run.seed + index, start, steps)) as source:
+        for step, host in zip(bar, source, strict=True):
+            batches = [objective.to_device(b) for b in host]
+            loss, count, finite = train_step(wrapped, objective, prepared, accelerator, stage, batches)
+            scheduler.step()
+            now = time.perf_counter()
+            pending.append(StepRecord(step, loss, count, finite, scheduler.get_last_lr()[0], now - last))
+            last = now
+            done = step + 1 == steps
+            saving = done or (step + 1) % run.save_every == 0
+            if saving or (step + 1) % run.log_every == 0:
+                flush(run, stage, pending, bar)
+            if done:
+                objective.finish()  # e.g. merge LoRA adapters before the end-of-stage checkpoint
+                save(run, ckpt.gather_state(keep), index, step + 1, complete=True)
+            elif saving:
+                save(run, ckpt.gather_state(objective, optimizer, scheduler), index, step + 1, complete=False)
     accelerator.free_memory()
     del wrapped, prepared
     gc.collect()
 
 
+class StepData(torch.utils.data.Dataset):
+    """Item `step`: this process's `grad_accum` host micro-batches of optimizer step `step`.
+
+    A pure function of the step (through `vistune.train.order`), so DataLoader workers build the same
+    batches as the training process would, and a loader over steps k.. resumes a stage at step k.
+    It holds the objective's `batcher` and the order's inputs, never the model."""
+
+    def __init__(self, objective: Objective, stage: Stage, seed: int, rank: int, world: int) -> None:
+        self.batcher, self.n, self.lengths = objective.batcher(), len(objective), objective.lengths()
+        self.stage, self.seed, self.rank, self.world = stage, seed, rank, world
+
+    def __getitem__(self, step: int) -> list[dict]:
+        return [
+            self.batcher(
+                batch_indices(self.n, self.seed, step, k, self.rank, self.world, self.stage, self.lengths)
+            )
+            for k in range(self.stage.grad_accum)
+        ]
+
+
+def host_steps(
+    objective: Objective, accelerator: Accelerator, stage: Stage, seed: int, start: int, steps: int
+) -> Iterator[list[dict]]:
+    """The host micro-batches of steps `start`..`steps - 1`, in order: built here (`stage.workers` 0),
+    or ahead of time by `stage.workers` DataLoader worker processes, pinned on CUDA."""
+    data = StepData(objective, stage, seed, accelerator.process_index, accelerator.num_processes)
+    if stage.workers == 0:
+        yield from (data[step] for step in range(start, steps))
+        return
+    yield from torch.utils.data.DataLoader(
+        data,
+        batch_size=None,  # an item is already a step's micro-batches
+        sampler=range(start, steps),
+        num_workers=stage.workers,
+        pin_memory=accelerator.device.type == "cuda",
+        # its own generator: drawing the workers' seeds from the global one would change what the run
+        # draws afterwards (new adapters, dropout), and so what an interrupted run resumes to
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def step_batches(
     objective: Objective, accelerator: Accelerator, stage: Stage, seed: int, step: int
 ) -> list[dict]:
-    """This process's `grad_accum` micro-batches of optimizer step `step`, built on the host."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    lengths = objective.lengths()
-    return [
-        objective.batch(batch_indices(len(objective), seed, step, k, rank, world, stage, lengths))
-        for k in range(stage.grad_accum)
-    ]
+    """This process's `grad_accum` micro-batches of optimizer step `step`, built here, on the device."""
+    data = StepData(objective, stage, seed, accelerator.process_index, accelerator.num_processes)
+    return [objective.to_device(batch) for batch in data[step]]
 
 
 def train_step(

@@ -9,19 +9,27 @@ checkpoints must restore (the run's model, plus heads of its own). The loop (`vi
 asks it for micro-batches by dataset index (a pure function of the step, which makes resume exact),
 sums `forward(batch)` over the effective batch and divides by the summed `count`s, so gradient
 accumulation and the number of processes do not change what is learned.
+
+A micro-batch is made in two parts: the objective's `batcher` builds it on the host from dataset
+indices (CPU tensors; it holds the stage's data and never the model, so DataLoader worker processes
+can run it), and `to_device` moves it to the stage's device in the training process.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from PIL import Image
 from torch import nn
 
 from vistune.config import Stage
+from vistune.model.preprocess import preprocess
+from vistune.model.vision import VisionTower
 from vistune.model.vlm import VLM
 
 
@@ -32,6 +40,17 @@ class StageContext:
     device: torch.device
     run_dir: Path
     is_main: bool = True
+
+
+class Batcher(Protocol):
+    """The host part of an objective: a micro-batch of CPU tensors from dataset indices.
+
+    It holds the stage's data and what building a batch needs, never the model: it runs in DataLoader
+    worker processes (forked, or pickled where processes are spawned)."""
+
+    def __call__(self, indices: list[int]) -> dict[str, Any]:
+        """The micro-batch of these dataset indices, on the host."""
+        ...
 
 
 class Objective(Protocol):
@@ -53,8 +72,17 @@ class Objective(Protocol):
         """The parameter sets a stage's `train` list chooses from (vision, projector, llm, lora)."""
         ...
 
+    def batcher(self) -> Batcher:
+        """The host part that builds micro-batches. One that remembers what it has built (the vlm
+        batcher: which images' pixels it has sent) is the same object on every call."""
+        ...
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A host micro-batch of `batcher` on the stage's device (in the training process)."""
+        ...
+
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        """The micro-batch of these dataset indices, on the stage's device."""
+        """Both parts here: `to_device(batcher()(indices))`, the micro-batch on the stage's device."""
         ...
 
     def count(self, batch: dict[str, Any]) -> int:
@@ -79,3 +107,31 @@ def register_objective(kind: str, factory: ObjectiveFactory) -> None:
     if OBJECTIVES.get(kind, factory) is not factory:
         raise ValueError(f"stage kind {kind!r} is already registered")
     OBJECTIVES[kind] = factory
+
+
+def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A host batch with every tensor (also inside nested dicts) on `device`; other values as they are.
+
+    On CUDA the copy goes through pinned memory (a DataLoader with `pin_memory` has pinned it already),
+    so it does not wait for the work queued before it."""
+    device = torch.device(device)
+
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if not isinstance(value, torch.Tensor):
+            return value
+        if device.type == "cuda":
+            return (value if value.is_pinned() else value.pin_memory()).to(device, non_blocking=True)
+        return value.to(device)
+
+    return move(batch)
+
+
+def pixel_fn(tower: VisionTower) -> Callable[[list[Image.Image]], torch.Tensor]:
+    """`tower.preprocess` as a function of the tower's settings only: a batcher that holds it holds no
+    weights (a bound method would carry the whole tower into each worker process)."""
+    cfg = tower.config
+    return functools.partial(
+        preprocess, mode=cfg.preprocess, size=tower.image_size, mean=tower.mean, std=tower.std
+    )

@@ -6,24 +6,27 @@ merged back at the stage's end. A frozen vision tower runs in eval mode (its Bat
 statistics, as at inference) and without gradients; its features are computed once per image and kept
 on the stage's device when the stage's images fit in `FEATURE_CACHE_GB` (or as
 `stage.cache_features` says). Features are computed inside `forward`, so a wrapped model (DDP, FSDP)
-is in charge of its weights. Batches are built on the CPU with everything the step needs (the answer
-positions, the loss-target count), so a step on a GPU reads nothing back to the host.
+is in charge of its weights. Batches are built on the CPU (`ConversationBatcher`, in DataLoader workers
+with `stage.workers`) with everything the step needs (the answer positions, the loss-target count), so
+a step on a GPU reads nothing back to the host. With `stage.pack` a micro-batch's records share rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
 from torch import nn
 
 from vistune.config import Stage
 from vistune.data.images import load_image
 from vistune.model.vlm import VLM, answer_targets, check_image_tokens
-from vistune.train.conversations import ConversationData, collate
-from vistune.train.objective import StageContext
+from vistune.train.conversations import ConversationData, collate, collate_packed
+from vistune.train.objective import StageContext, move_to, pixel_fn
 
 FEATURE_CACHE_GB = 4.0  # the largest feature cache kept when a stage does not say
 
@@ -54,6 +57,59 @@ def add_lora(model: VLM, stage: Stage) -> None:
     model.llm = get_peft_model(model.llm, lora)
 
 
+class ConversationBatcher:
+    """The `vlm` objective's host part: padded (or packed) ids, the answer positions and ids, and the
+    pixels the tower must see, as CPU tensors.
+
+    Without the feature cache, every image's pixels, one tensor (`pixel_values`). With it, `image_keys`
+    lists every image in order and `new_images` holds the pixels of those this batcher has not sent
+    before from this process, one tensor each: the objective caches their features when it runs the
+    batch. Each process builds its batches in step order and the training process runs them in step
+    order, so an image a batcher skips was sent in a batch that ran before, and its features are cached
+    by then. Sending an image again is harmless: a worker sends what another worker sent first, and the
+    objective keeps the first features (the same: each image's pixels are computed alone).
+    """
+
+    def __init__(
+        self,
+        data: ConversationData,
+        pad_id: int,
+        image_token_id: int,
+        image_tokens: int,
+        pixels: Callable[[list[Image.Image]], torch.Tensor],
+        cache: bool,
+        row_length: int | None = None,
+    ) -> None:
+        self.data, self.pad_id, self.pixels, self.cache = data, pad_id, pixels, cache
+        self.image_token_id, self.image_tokens = image_token_id, image_tokens
+        self.row_length = row_length  # packed rows' token budget (`stage.pack`), else one record per row
+        self._sent: set[str] = set()  # images whose pixels this process's batcher has sent (the cache)
+        self._pid = os.getpid()
+
+    def __call__(self, indices: list[int]) -> dict[str, Any]:
+        samples = [self.data[i] for i in indices]
+        if self.row_length is None:
+            out = collate(samples, self.pad_id)
+        else:
+            out = collate_packed(samples, self.pad_id, self.row_length)
+        paths = [str(p) for p in out.pop("images")]
+        check_image_tokens(out["input_ids"] == self.image_token_id, len(paths), self.image_tokens)
+        out["answer_positions"], out["answer_ids"] = answer_targets(out.pop("labels"))
+        # Rows are right-padded (or packed, with position ids): under the causal mask no real token sees
+        # a pad, so the step needs no attention mask (transformers would read it back to see whether it
+        # can skip it: a GPU stall).
+        out["attention_mask"] = None
+        if self.cache and paths:
+            if self._pid != os.getpid():  # a copy in a DataLoader worker: it has sent nothing yet
+                self._sent, self._pid = set(), os.getpid()
+            new = [p for p in dict.fromkeys(paths) if p not in self._sent]
+            self._sent.update(new)
+            out |= {"image_keys": paths, "new_images": {p: self.pixels([load_image(p)]) for p in new}}
+        elif paths:
+            out["pixel_values"] = self.pixels([load_image(p) for p in paths])
+        return out
+
+
 class VLMObjective(nn.Module):
     """Summed next-token cross-entropy over the answer tokens of a stage's conversations."""
 
@@ -79,6 +135,15 @@ class VLMObjective(nn.Module):
             stage.cache_features if stage.cache_features is not None else self._cache_gb() <= FEATURE_CACHE_GB
         )
         self._features: dict[str, torch.Tensor] = {}  # image path -> (N, D) features on the device
+        self._batcher = ConversationBatcher(
+            self.data,
+            model.tokenizer.pad_token_id,
+            model.image_token_id,
+            model.image_tokens,
+            pixel_fn(model.vision),
+            self.cache,
+            stage.row_length if stage.pack else None,
+        )
 
     def __len__(self) -> int:
         return len(self.data)
@@ -107,32 +172,14 @@ class VLMObjective(nn.Module):
             else [],
         }
 
+    def batcher(self) -> ConversationBatcher:
+        return self._batcher
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return move_to(batch, self.device)
+
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        """Padded ids, the answer positions and ids, and the pixels the tower must see: all images, or
-        with the feature cache only those not seen before, one tensor each (`image_keys` lists every
-        image in order)."""
-        out = collate([self.data[i] for i in indices], self.model.tokenizer.pad_token_id)
-        paths = [str(p) for p in out.pop("images")]
-        check_image_tokens(out["input_ids"] == self.model.image_token_id, len(paths), self.model.image_tokens)
-        out["answer_positions"], out["answer_ids"] = answer_targets(out.pop("labels"))
-        # Rows are right-padded: under the causal mask no real token sees a pad, so the step needs no
-        # attention mask (transformers would read it back to see whether it can skip it: a GPU stall).
-        out["attention_mask"] = None
-        out = {k: v if v is None else self._to_device(v) for k, v in out.items()}
-        if self.cache and paths:
-            new = [p for p in dict.fromkeys(paths) if p not in self._features]
-            out |= {"image_keys": paths, "new_images": {p: self._pixels([p]) for p in new}}
-        elif paths:
-            out["pixel_values"] = self._pixels(paths)
-        return out
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":  # pinned: the copy overlaps the step before it
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
-
-    def _pixels(self, paths: list[str]) -> torch.Tensor:
-        return self._to_device(self.model.vision.preprocess([load_image(p) for p in paths]))
+        return self.to_device(self._batcher(indices))
 
     @torch.no_grad()
     def _cached_features(self, keys: list[str], new: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,7 +190,14 @@ class VLMObjective(nn.Module):
         was first seen with, or a resumed run (whose cache fills in other batches) would not end with
         the same weights."""
         for key, pixels in new.items():
-            self._features[key] = self.model.vision(pixels)[0]
+            if key not in self._features:  # a batcher in another worker may send an image again
+                self._features[key] = self.model.vision(pixels)[0]
+        missing = [k for k in keys if k not in self._features]
+        if missing:
+            raise RuntimeError(
+                f"{missing[0]}: no cached features and no pixels; a batch that first sent this image "
+                "was built but never run (build batches only to run them, in order)"
+            )
         return torch.stack([self._features[k] for k in keys])
 
     def count(self, batch: dict[str, Any]) -> int:

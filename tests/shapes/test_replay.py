@@ -1,0 +1,30 @@
+"""The text replay: the base LLM's own answers to plain-text prompts that the retention set never asks."""
+
+from __future__ import annotations
+
+import json
+
+from vistune.data.readers import load_records
+from vistune.eval.text_bench import QUESTIONS
+from vistune.shapes.replay import PROMPTS, write_replay
+
+
+def test_no_prompt_is_a_question_of_the_retention_set():
+    asked = {question.lower() for _, question, _, _ in QUESTIONS}
+    assert len(set(PROMPTS)) == len(PROMPTS) and not asked & {p.lower() for p in PROMPTS}
+    # nor a topic it checks by name: its capitals, and the facts it asks about
+    answers = {a.lower() for _, _, accepted, _ in QUESTIONS for a in accepted if len(a) > 3}
+    assert not any("capital of" in p.lower() for p in PROMPTS)
+    assert not [p for p in PROMPTS if any(a in p.lower().split() for a in answers)]
+
+
+def test_write_replay_writes_the_base_models_answers_as_text_records(tmp_path, tiny_llm_dir):
+    path = tmp_path / "train" / "text_replay.json"
+    path.parent.mkdir()
+    n = write_replay(path, str(tiny_llm_dir), batch_size=16, max_new_tokens=4)
+    rows = json.loads(path.read_text())
+    assert 0 < n == len(rows) <= len(PROMPTS) and not list(tmp_path.glob("train/*.tmp"))
+    records = list(load_records(path))
+    assert all(not r.images and [t.role for t in r.turns] == ["user", "assistant"] for r in records)
+    assert {r.turns[0].content for r in records} <= set(PROMPTS)
+    assert all(r.turns[1].content for r in records)
