@@ -169,6 +169,7 @@ def test_save_load_round_trip(tmp_path):
     "recipe, stages, projector",
     [
         ("quickstart.yaml", ["vision", "instruct"], "object_words"),
+        ("quickstart_gpu.yaml", ["vision", "instruct"], "object_words"),
         ("quickstart_pixel_shuffle.yaml", ["vision", "align", "instruct"], "pixel_shuffle"),
         ("quickstart_contrastive.yaml", ["contrastive", "vision", "instruct"], "visual_words"),
     ],
@@ -177,3 +178,11 @@ def test_shipped_recipes_load(recipe, stages, projector):
     cfg = load_config(ROOT / "configs" / recipe)
     assert [s.name for s in cfg.stages] == stages
     assert isinstance(cfg, Config) and cfg.model.projector.name == projector
+
+
+def test_the_gpu_profile_trains_the_cpu_recipes_model_on_its_data():
+    cpu, gpu = (load_config(ROOT / "configs" / name) for name in ("quickstart.yaml", "quickstart_gpu.yaml"))
+    assert gpu.model == cpu.model
+    for a, b in zip(cpu.stages, gpu.stages, strict=True):
+        assert (a.kind, a.train, a.data, a.augment, a.lr) == (b.kind, b.train, b.data, b.augment, b.lr)
+    assert gpu.stages[1].max_steps > cpu.stages[1].max_steps and gpu.stages[0].workers > 0
