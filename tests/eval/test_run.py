@@ -319,3 +319,14 @@ def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         command.main_eval([str(model), "--task", "vqa", "--format", "coco", "--data", str(data)])
     assert exit_info.value.code == 2 and "'llava', 'vqav2'" in capsys.readouterr().err
+
+
+def test_the_sample_grid_draws_answers_with_dollar_signs_as_text(tmp_path):
+    from PIL import Image
+
+    from vistune.eval.report import sample_grid
+
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "a.png")
+    rows = [{"id": "r$1", "images": ["a.png"], "prompt": "<image>\nCost?", "answer": "A: poster$$ x^2$",
+             "references": ["$5"], "correct": False}]  # fmt: skip
+    assert sample_grid(rows, tmp_path, tmp_path / "grid.png").is_file()  # matplotlib maths would raise

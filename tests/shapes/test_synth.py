@@ -339,11 +339,12 @@ def test_bad_arguments_are_refused_by_synthesize(tmp_path, kwargs, message):
     assert not (tmp_path / "d").exists()
 
 
-def test_quickstart_make_data_still_generates_then_reuses(tmp_path, capsys):
-    data = tmp_path / "qs" / "data"
-    make_data(data, {"train": 2, "val": 0, "test": 1, "compositional": 1}, seed=0)
+def test_quickstart_make_data_still_generates_then_reuses(tmp_path, capsys, tiny_llm_dir):
+    data, base = tmp_path / "qs" / "data", str(tiny_llm_dir)
+    make_data(data, {"train": 2, "val": 0, "test": 1, "compositional": 1}, seed=0, base=base)
     manifest = (data / "manifest.json").read_bytes()
-    make_data(data, {"train": 2, "val": 0, "test": 1, "compositional": 1}, seed=0)
+    assert (data / "train" / "text_replay.json").is_file()  # the base LLM's text replay, in the same rename
+    make_data(data, {"train": 2, "val": 0, "test": 1, "compositional": 1}, seed=0, base=base)
     assert "data: reusing" in capsys.readouterr().out and (data / "manifest.json").read_bytes() == manifest
     assert _names(tmp_path / "qs") == ["data"]
 

@@ -220,7 +220,16 @@ def _draw_sample(ax, row: dict, image_root, image_loader) -> None:
     try:
         ax.imshow(image_loader(str(image_path(image_root, row["images"][0]))))
     except Exception as e:  # noqa: BLE001 - any unreadable image is shown, not fatal, in a report
-        ax.text(0.5, 0.5, textwrap.fill(str(e), 30), ha="center", va="center", fontsize=7, wrap=True)
+        ax.text(
+            0.5,
+            0.5,
+            textwrap.fill(str(e), 30),
+            ha="center",
+            va="center",
+            fontsize=7,
+            wrap=True,
+            parse_math=False,
+        )
     color = {True: "green", False: "red"}.get(row.get("correct"), "grey")
     ax.axis("on")
     ax.set_xticks([])
@@ -239,8 +248,10 @@ def _draw_sample(ax, row: dict, image_root, image_loader) -> None:
             textwrap.shorten(f"ref: {refs[0]}", 90),
         ]
     )
-    ax.set_xlabel("\n".join(textwrap.fill(line, 38) for line in text.split("\n")), fontsize=7, color=color)
-    ax.set_title(str(row["id"])[:40], fontsize=7)
+    # parse_math=False: a model's answer is text; "$" in it must not be read as matplotlib's maths markup
+    label = "\n".join(textwrap.fill(line, 38) for line in text.split("\n"))
+    ax.set_xlabel(label, fontsize=7, color=color, parse_math=False)
+    ax.set_title(str(row["id"])[:40], fontsize=7, parse_math=False)
 
 
 def _detail_tables(task: str, metrics: dict) -> list[str]:
