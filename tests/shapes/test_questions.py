@@ -12,12 +12,13 @@ import pytest
 from vistune.shapes import pope, synth
 from vistune.shapes import questions as Q
 from vistune.shapes import scenes as S
+from vistune.shapes import wordings as W
 
 SCENES = [S.sample_scene(5, "train", i) for i in range(300)] + [
     S.sample_scene(5, "shifted", i) for i in range(100)
 ]
 TEXTS = [synth.scene_texts(s, 5) for s in SCENES]
-WORDINGS = {"seen": Q.TEMPLATES, "shifted": Q.SHIFTED_TEMPLATES}
+WORDINGS = {"seen": W.TEMPLATES, "shifted": W.SHIFTED_TEMPLATES}
 # The keys of TEMPLATES each question type draws from.
 KINDS = {
     "color": ("color",),
@@ -156,14 +157,14 @@ def _wording(question: str) -> set[tuple[str, str, str]]:
 
 
 def test_both_wordings_cover_every_kind_and_share_no_template():
-    assert Q.TEMPLATES.keys() == Q.SHIFTED_TEMPLATES.keys()
-    for kind in Q.TEMPLATES:
-        assert len(Q.TEMPLATES[kind]) >= 5 and len(Q.SHIFTED_TEMPLATES[kind]) >= 2, kind
-        seen = {t.lower() for t in Q.TEMPLATES[kind]}
-        assert len(seen) == len(Q.TEMPLATES[kind]) and not seen & {
-            t.lower() for t in Q.SHIFTED_TEMPLATES[kind]
+    assert W.TEMPLATES.keys() == W.SHIFTED_TEMPLATES.keys()
+    for kind in W.TEMPLATES:
+        assert len(W.TEMPLATES[kind]) >= 5 and len(W.SHIFTED_TEMPLATES[kind]) >= 2, kind
+        seen = {t.lower() for t in W.TEMPLATES[kind]}
+        assert len(seen) == len(W.TEMPLATES[kind]) and not seen & {
+            t.lower() for t in W.SHIFTED_TEMPLATES[kind]
         }
-    assert not set(Q.INSTRUCTIONS) & set(Q.SHIFTED_INSTRUCTIONS) and len(Q.INSTRUCTIONS) >= 4
+    assert not set(W.INSTRUCTIONS) & set(W.SHIFTED_INSTRUCTIONS) and len(W.INSTRUCTIONS) >= 4
 
 
 @pytest.mark.parametrize("wording", sorted(WORDINGS))
@@ -241,7 +242,7 @@ def test_each_split_is_worded_with_its_own_templates_and_instructions():
     no_instruction = Counter()
     for scene, texts in zip(SCENES, TEXTS, strict=True):
         wording = "shifted" if scene["split"] == "shifted" else "seen"
-        instructions = Q.SHIFTED_INSTRUCTIONS if wording == "shifted" else Q.INSTRUCTIONS
+        instructions = W.SHIFTED_INSTRUCTIONS if wording == "shifted" else W.INSTRUCTIONS
         prompts = [r["conversations"][0]["value"] for r in texts["vqa"]]
         prompts += [t["value"] for t in texts["conversations"][0]["conversations"][::2]]
         prompts += [texts[task][0]["conversations"][0]["value"] for task in ("captions", "detailed")]

@@ -17,6 +17,7 @@ from vistune.shapes import questions as Q
 from vistune.shapes import scenes as S
 from vistune.shapes import style as St
 from vistune.shapes import synth
+from vistune.shapes import wordings as W
 from vistune.shapes.quickstart import make_data
 from vistune.shapes.suite import suite_splits
 
@@ -190,7 +191,7 @@ def test_task_files_manifest_and_pairs_agree(dataset):
     assert shifted["canvases"] == list(St.SHIFTED_CANVASES) and shifted["backgrounds"] == list(
         St.SHIFTED_BACKGROUNDS
     )
-    assert shifted["templates"] == {k: list(v) for k, v in Q.SHIFTED_TEMPLATES.items()}
+    assert shifted["templates"] == {k: list(v) for k, v in W.SHIFTED_TEMPLATES.items()}
     for split, n in SIZES.items():
         for task in synth.TASKS:
             records = json.loads((dataset / split / f"{task}.json").read_text())

@@ -3,7 +3,7 @@
 Scene graphs come from `vistune.shapes.scenes` (their drawing style from `style`), drawings from
 `render`, every text from `questions` and `pope`; this module renders and describes them in worker
 processes and writes the result. The shifted split's texts use the held-out wordings
-(`questions.SHIFTED_TEMPLATES`, `questions.SHIFTED_INSTRUCTIONS`).
+(`wordings.SHIFTED_TEMPLATES`, `wordings.SHIFTED_INSTRUCTIONS`).
 
 Layout written by `synthesize(out, ...)`:
     scenes/<split>.jsonl           one scene graph per line (the source of every text)
@@ -35,6 +35,7 @@ from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.shapes import pope
 from vistune.shapes import questions as Q
 from vistune.shapes import style as St
+from vistune.shapes import wordings as W
 from vistune.shapes.outdir import check_out, move_into_place, staging_dir
 from vistune.shapes.scenes import (
     HELD_OUT,
@@ -67,8 +68,8 @@ def scene_texts(scene: dict, seed: int) -> dict[str, list[dict]]:
     """All LLaVA records of one scene except POPE (which needs training-split statistics)."""
     rng = rng_for(seed, scene["split"], int(scene["id"].rsplit("-", 1)[1]), STREAMS["texts"])
     held_out = scene["split"] == SHIFTED
-    templates = Q.SHIFTED_TEMPLATES if held_out else Q.TEMPLATES
-    instructions = Q.SHIFTED_INSTRUCTIONS if held_out else Q.INSTRUCTIONS
+    templates = W.SHIFTED_TEMPLATES if held_out else W.TEMPLATES
+    instructions = W.SHIFTED_INSTRUCTIONS if held_out else W.INSTRUCTIONS
     sid, img = scene["id"], scene["image"]
     out: dict[str, list[dict]] = {
         "captions": [_llava(f"{sid}-caption", img, [(Q.pick(rng, templates["caption"]), Q.caption(scene))])],
@@ -296,13 +297,13 @@ def _manifest(seed: int, image_size: int | None, sizes: dict, stats: dict, count
         "shifted": {  # what only the shifted split uses
             "canvases": list(St.SHIFTED_CANVASES),
             "backgrounds": list(St.SHIFTED_BACKGROUNDS),
-            "templates": Q.SHIFTED_TEMPLATES,
-            "instructions": list(Q.SHIFTED_INSTRUCTIONS),
+            "templates": W.SHIFTED_TEMPLATES,
+            "instructions": list(W.SHIFTED_INSTRUCTIONS),
         },
         "labels": list(Q.LABELS),
         "label_rule": "majority shape; ties go to the tied shape of the leftmost object (smallest x, then y)",
         "question_types": list(Q.QUESTION_TYPES),
-        "instructions": list(Q.INSTRUCTIONS),
+        "instructions": list(W.INSTRUCTIONS),
         "no_instruction_fraction": Q.NO_INSTRUCTION,
         "spatial_margin": Q.SPATIAL_MARGIN,
         "pope_popular_ranking": popular,
