@@ -90,6 +90,21 @@ def test_evaluate_batches_and_scores_failures(tmp_path):
     assert m["n"] == 7 and m["n_records"] == 8 and m["timing"]["records_per_s"] > 0
 
 
+def test_evaluate_batches_prompts_of_similar_length_and_keeps_record_order():
+    questions = ["q" * n for n in (9, 1, 7, 3, 8, 2)]
+    seen = []
+
+    class Recorder(FakePredictor):
+        def answer(self, conversations, images, max_new_tokens=32):
+            seen.append([len(c[-1].content) for c in conversations])
+            return [c[-1].content for c in conversations]
+
+    records = [_rec(f"r{i}", q, answer=q) for i, q in enumerate(questions)]
+    rows, m = run.evaluate(Recorder(), records, "vqa", batch_size=2)
+    assert seen == [[1, 2], [3, 7], [8, 9]]  # shortest first: padding only within close lengths
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(6)] and m["accuracy"] == 1.0
+
+
 def test_run_eval_writes_predictions_report_and_grid(tmp_path):
     out = tmp_path / "out"
     pred = FakePredictor({"shape 0": "red"})

@@ -106,6 +106,8 @@ def evaluate(
         rows.append(row)
         if turns is not None:
             pending.append((row, turns, record))
+    # Prompts of similar length share a batch: less padding to compute. Rows keep the records' order.
+    pending.sort(key=lambda item: sum(len(turn.content) for turn in item[1]))
     start = time.perf_counter()
     for i in range(0, len(pending), batch_size):
         batch = pending[i : i + batch_size]
