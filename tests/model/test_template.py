@@ -272,3 +272,41 @@ def test_turns_that_say_how_many_images_they_hold_take_exactly_those(tok):
         render(
             [*turns[:2], Turn("user", "<image>\nand this?", 2), turns[3]], tok, image_tokens=3, num_images=2
         )
+
+
+def _alternating(n: int) -> list[Turn]:
+    return [Turn("user" if i % 2 == 0 else "assistant", f"m{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_rendering_costs_the_same_template_calls_however_long_the_conversation(tok, generation, monkeypatch):
+    """Rendering is linear in the conversation: the template is rendered a fixed number of times (it was
+    once per assistant turn, each rendering as long as the conversation so far)."""
+    tokenizer = copy.deepcopy(tok)
+    calls: list[int] = []
+    real = type(tokenizer).apply_chat_template
+
+    def counted(self, messages, *args, **kwargs):
+        calls.append(len(messages))
+        return real(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template", counted)
+    counts = []
+    for n in (21, 401):
+        calls.clear()
+        turns = _alternating(n if generation else n + 1)
+        out = render(turns, tokenizer, image_tokens=1, num_images=0, generation=generation)
+        assert out.input_ids == _reference_ids(tok, turns, generation)
+        counts.append(len(calls))
+    assert counts[0] == counts[1] <= 5, counts
+
+
+def test_a_template_that_closes_turns_differently_still_masks_each_turn(tok):
+    """A template whose end-of-turn text depends on the turn falls back to rendering each turn's prefix."""
+    tokenizer = copy.deepcopy(tok)
+    tokenizer.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "'<|im_end|>' + '\n' * loop.index")
+    turns = CONVERSATIONS["multi"]
+    out = render(turns, tokenizer, image_tokens=1, num_images=0)
+    assert tokenizer.decode(out.input_ids) == tokenizer.apply_chat_template(_messages(turns), tokenize=False)
+    spans = [tokenizer.decode(s) for s in _labelled_spans(out.labels)]
+    assert spans == ["Hello. How can I help?<|im_end|>\n\n", "1, 2, 3.<|im_end|>\n\n\n\n"]

@@ -6,8 +6,10 @@ control tokens) and which are message content. Template text is tokenized with s
 recognised; message content is tokenized with special tokens split into plain text, so a user who types
 `<|im_end|>` or `<image>` gets ordinary text tokens. Each declared image's `<image>` placeholder becomes
 `image_tokens` copies of the image token id. An assistant turn's labels cover its content and the
-template's end-of-turn text (found by rendering the conversation up to that turn), so the model learns
-to stop. Any disagreement between the template and these assumptions is a hard error naming the record.
+template's end-of-turn text (what the template writes after the turn when the conversation ends there),
+so the model learns to stop. The template is rendered a fixed number of times whatever the length of the
+conversation, so rendering takes time linear in the number of turns. Any disagreement between the
+template and these assumptions is a hard error naming the record.
 """
 
 from __future__ import annotations
@@ -67,14 +69,7 @@ def _segments(
     """Split the rendered template into (text, turn index or None for template text, labelled)."""
     masked = [{"role": t.role, "content": _SENTINEL.format(i)} for i, t in enumerate(turns)]
     full = _template(tokenizer, masked, generation)
-    closing: dict[int, int] = {}  # assistant turn -> length of the template text that closes it
-    for i, turn in enumerate(turns):
-        if turn.role == "assistant":
-            upto = _template(tokenizer, masked[: i + 1], False)
-            if not full.startswith(upto):
-                raise RenderError(f"{where}: the chat template is not prefix-stable at turn {i}; cannot mask")
-            mark = _SENTINEL.format(i)
-            closing[i] = len(upto) - upto.rindex(mark) - len(mark)
+    closing = _closings(tokenizer, masked, full, where)
     pieces: list[tuple[str, int | None, bool]] = []
     pos, previous = 0, None
     for match in _SENTINEL_RE.finditer(full):
@@ -86,6 +81,37 @@ def _segments(
     if sorted(p[1] for p in pieces if p[1] is not None) != list(range(len(turns))):
         raise RenderError(f"{where}: the chat template dropped or repeated message contents")
     return pieces
+
+
+def _closing(tokenizer: PreTrainedTokenizerBase, masked: list[dict], i: int, full: str, where: str) -> str:
+    """The template text that closes turn `i` when the conversation ends there (rendered up to it)."""
+    upto = _template(tokenizer, masked[: i + 1], False)
+    if not full.startswith(upto):
+        raise RenderError(f"{where}: the chat template is not prefix-stable at turn {i}; cannot mask")
+    mark = _SENTINEL.format(i)
+    return upto[upto.rindex(mark) + len(mark) :]
+
+
+def _closings(tokenizer: PreTrainedTokenizerBase, masked: list[dict], full: str, where: str) -> dict[int, int]:
+    """{assistant turn: length of the template text that closes it}, in time linear in the conversation.
+
+    The closing text is what the template writes after the turn when the conversation ends there.
+    Rendering every prefix would cost time quadratic in the number of turns, so only the first and the
+    last assistant turns are rendered as ends; when they agree (templates that close every turn alike:
+    ChatML, Llama-3, ...) and the full rendering has that text after every assistant turn, it closes
+    them all. Other templates get every prefix rendered (bounded by the caller's message count).
+    """
+    assistants = [i for i, m in enumerate(masked) if m["role"] == "assistant"]
+    if not assistants:
+        return {}
+    ends = {i: _closing(tokenizer, masked, i, full, where) for i in {assistants[0], assistants[-1]}}
+    texts = set(ends.values())
+    if len(texts) == 1:
+        (text,) = texts
+        after = {int(m.group(1)): m.end() for m in _SENTINEL_RE.finditer(full)}
+        if all(full.startswith(text, after.get(i, len(full))) for i in assistants):
+            return dict.fromkeys(assistants, len(text))
+    return {i: len(ends.get(i) or _closing(tokenizer, masked, i, full, where)) for i in assistants}
 
 
 def _faithful_segments(
