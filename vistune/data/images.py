@@ -11,6 +11,7 @@ A dataset of large scans can raise `max_pixels` and a server can lower it. Every
 from __future__ import annotations
 
 import functools
+import stat
 import struct
 import zlib
 from collections.abc import Sequence
@@ -163,14 +164,16 @@ def _png_incomplete(im: ImageFile.ImageFile, fp: BinaryIO, marker: bytes | None)
 
 
 def _check_file(path: Path) -> None:
-    """Missing and zero-byte files, before Pillow sees them."""
+    """Missing, zero-byte and not regular files, before Pillow sees them."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise ImageError(path, "missing image", "no such file") from None
     except OSError as e:
         raise ImageError(path, "unreadable image", e.strerror or str(e)) from e
-    if size == 0:
+    if not stat.S_ISREG(info.st_mode):  # opening a FIFO blocks until a writer comes
+        raise ImageError(path, "unreadable image", "not a regular file (a FIFO, device or socket)")
+    if info.st_size == 0:
         raise ImageError(path, "zero-byte image", "the file is empty")
 
 

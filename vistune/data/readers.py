@@ -132,10 +132,18 @@ def _images(item: dict, source: str, rid: str) -> list[str]:
     return list(paths)
 
 
+LLAVA_KEYS, OPENAI_KEYS = ("from", "value"), ("role", "content")
+
+
 def _turn(message: object, source: str, rid: str, field: str) -> Turn:
     if not isinstance(message, dict):
         raise _fail(source, rid, field, f"expected an object, got {type(message).__name__}")
-    role_key, text_key = ("from", "value") if "from" in message else ("role", "content")
+    llava, openai = [k for k in LLAVA_KEYS if k in message], [k for k in OPENAI_KEYS if k in message]
+    if llava and openai:
+        raise _fail(
+            source, rid, field, f"mixes {llava} with {openai}: a turn is either from/value or role/content"
+        )
+    role_key, text_key = LLAVA_KEYS if llava else OPENAI_KEYS
     role, text = message.get(role_key), message.get(text_key)
     if role not in ROLE_ALIASES:
         raise _fail(
@@ -164,7 +172,7 @@ def to_record(item: object, source: str, index: int) -> Record:
         raise DataError(
             f"{source} record '#{index}': expected an object, got {type(item).__name__}", record=f"#{index}"
         )
-    rid = str(item.get("id", f"#{index}"))
+    rid = _record_id(item, source, index)
     if _has_surrogates(rid):
         raise _fail(
             source,
@@ -183,8 +191,25 @@ def to_record(item: object, source: str, index: int) -> Record:
     if not isinstance(conv, list) or not conv:
         raise _fail(source, rid, key, "missing or not a non-empty list of turns")
     turns = [_turn(m, source, rid, f"{key}[{i}]") for i, m in enumerate(conv)]
+    styles = ["from/value" if isinstance(m, dict) and "from" in m else "role/content" for m in conv]
+    if len(set(styles)) > 1:
+        other = next(i for i, s in enumerate(styles) if s != styles[0])
+        raise _fail(
+            source, rid, f"{key}[{other}]", f"uses {styles[other]} but {key}[0] uses {styles[0]}; use one"
+        )
     meta = {k: v for k, v in item.items() if k not in _KNOWN}
     return Record(id=rid, images=images, turns=turns, meta=meta, source=source)
+
+
+def _record_id(item: dict, source: str, index: int) -> str:
+    """The record's id as text: a non-empty string or an integer; '#INDEX' when the record has none."""
+    if "id" not in item:
+        return f"#{index}"
+    rid = item["id"]
+    if isinstance(rid, bool) or not isinstance(rid, str | int) or (isinstance(rid, str) and not rid.strip()):
+        shown = "null" if rid is None else repr(rid) if isinstance(rid, str | float) else type(rid).__name__
+        raise _fail(source, f"#{index}", "id", f"expected a non-empty string or an integer, got {shown}")
+    return str(rid)
 
 
 def _pair_record(item: dict, source: str, rid: str, images: list[str]) -> Record:
@@ -239,6 +264,8 @@ def load_records(path: str | Path, image_root: str | Path | None = None) -> Reco
         return RecordSet(path, raw, Path(image_root) if image_root else path, classes)
     if not path.exists():
         raise DataError(f"{path}: no such file", kind="bad file")
+    if not path.is_file():  # a FIFO or a device would block the read, or never end it
+        raise DataError(f"{path}: not a regular file (a FIFO, device or socket)", kind="bad file")
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(
             f"{path}: expected a .json or .jsonl file or an ImageFolder directory", kind="bad file"

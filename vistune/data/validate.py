@@ -1,8 +1,10 @@
 """Check a dataset before training: every record's structure, text and images, reported by kind.
 
-`validate(path, image_root)` reads a file with `load_records`, checks each record with
-`check_record`, and returns a `Report` (problems grouped by kind with record ids). `ensure_valid` is
-the per-record gate training calls: raise a DataError naming the file and record, or skip and count.
+`validate(path, image_root)` reads a file with `load_records`, checks each record with the one check
+training uses too (`RecordCheck`: the record reads, its id is unique in the file, `check_record`), and
+returns a `Report` (problems grouped by kind with record ids). Training selects its records through the
+same check (`select_checked`), so validation passes exactly the records training accepts; `ensure_valid`
+is the per-record gate: raise a DataError naming the file and record, or skip and count.
 Every image is decoded in full as training loads it (`images.check_image`: `load_image` plus a check
 that a PNG's pixel data is complete), so what passes validation trains. Each image file is decoded once
 per run however many records share it (a `cache` dict). An image path must stay inside the image root
@@ -18,14 +20,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from vistune.config import DataSpec
 from vistune.data.images import DEFAULT_MAX_PIXELS, ImageError, check_image
-from vistune.data.readers import DataError, load_records
+from vistune.data.readers import DataError, RecordSet, load_records
 from vistune.data.records import IMAGE_PLACEHOLDER, ROLES, Record
 
 PROBLEM_KINDS = (
     "bad file",
     "bad json",
     "bad record",
+    "duplicate id",
     "missing image",
     "unreadable image",
     "truncated image",
@@ -54,7 +58,8 @@ def _has_surrogates(text: str) -> bool:
 
 
 def _role_problems(record: Record) -> list[str]:
-    """Unknown roles, system turns after the first, not starting with user, not alternating."""
+    """Unknown roles, system turns after the first, not starting with user, not alternating, not ending
+    with the assistant's answer (what training learns from); the rules of `template.render`."""
     out = [f"turn {i}: unknown role {t.role!r}" for i, t in enumerate(record.turns) if t.role not in ROLES]
     if out:
         return out
@@ -68,7 +73,21 @@ def _role_problems(record: Record) -> list[str]:
         if a == b and a != "system":
             out.append(f"two {a} turns in a row (turn {i + 1 + (len(roles) - len(body))})")
             break
+    if body and body[-1] != "assistant" and not out:
+        out.append("the conversation must end with an assistant turn (the answer trained on)")
     return out
+
+
+def _placeholder_problem(record: Record, roles_ok: bool) -> str | None:
+    """One `<image>` placeholder per image, each in a user turn (where training expands them)."""
+    total = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns)
+    if total != len(record.images):
+        return f"{total} {IMAGE_PLACEHOLDER} placeholder(s) for {len(record.images)} image(s)"
+    if roles_ok and record.images:
+        for i, turn in enumerate(record.turns):
+            if turn.role != "user" and IMAGE_PLACEHOLDER in turn.content:
+                return f"turn {i} ({turn.role}) holds an {IMAGE_PLACEHOLDER}; images go in user turns"
+    return None
 
 
 def escapes_root(image: str, image_root: str | Path | None = None) -> bool:
@@ -153,7 +172,8 @@ def check_record(
         cache: optional dict shared across calls so each image is decoded (and resolved) once.
     """
     rid = record.id
-    problems = [Problem("bad role", rid, d) for d in _role_problems(record)]
+    roles = _role_problems(record)
+    problems = [Problem("bad role", rid, d) for d in roles]
     problems += [
         Problem("empty turn", rid, f"turn {i} ({t.role}) has no text")
         for i, t in enumerate(record.turns)
@@ -162,15 +182,9 @@ def check_record(
     texts = [rid, *record.images, *(t.content for t in record.turns)]
     if any(_has_surrogates(t) for t in texts):
         problems.append(Problem("non-UTF-8 text", rid, "a string holds bytes that are not UTF-8"))
-    placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns)
-    if placeholders != len(record.images):
-        problems.append(
-            Problem(
-                "placeholder mismatch",
-                rid,
-                f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(record.images)} image(s)",
-            )
-        )
+    placeholders = _placeholder_problem(record, not roles)
+    if placeholders:
+        problems.append(Problem("placeholder mismatch", rid, placeholders))
     if check_images:
         problems += _image_problems(record, Path(image_root), max_pixels, {} if cache is None else cache)
     return problems
@@ -197,8 +211,83 @@ def ensure_valid(
         return True
     if on_bad == "skip":
         return False
+    raise _refuse(problems, record)
+
+
+class RecordCheck:
+    """The one check a record of a file passes before training, shared by `validate` and training.
+
+    `read(i)`: record `i` reads (a DataError is a problem) and its id is not one an earlier record of the
+    file has; `check(record)`: `check_record`. Call `read` in file order (duplicates are found in order).
+    """
+
+    def __init__(
+        self, records: RecordSet, max_pixels: int = DEFAULT_MAX_PIXELS, cache: dict | None = None
+    ) -> None:
+        self.records, self.max_pixels = records, max_pixels
+        self.cache = {} if cache is None else cache
+        self._first: dict[str, int] = {}  # explicit id -> index of its first record
+
+    def read(self, index: int) -> tuple[Record | None, list[Problem]]:
+        """Record `index` (None if it does not read) and the problems found reading it."""
+        try:
+            record = self.records[index]
+        except DataError as e:
+            return None, [Problem(e.kind, e.record or f"#{index}", str(e))]
+        raw = self.records.raw(index)
+        if isinstance(raw, dict) and "id" in raw:
+            first = self._first.setdefault(record.id, index)
+            if first != index:
+                detail = f"{record.where()}: field 'id': record #{first} has the same id; ids must be unique"
+                return record, [Problem("duplicate id", record.id, detail)]
+        return record, []
+
+    def check(self, record: Record) -> list[Problem]:
+        """`check_record` with this file's image root, pixel cap and decode cache."""
+        return check_record(record, self.records.image_root, self.max_pixels, cache=self.cache)
+
+    def __call__(self, index: int) -> tuple[Record | None, list[Problem]]:
+        record, problems = self.read(index)
+        return record, problems or (self.check(record) if record is not None else [])
+
+
+def _refuse(problems: list[Problem], record: Record | None) -> DataError:
     detail = "; ".join(f"{p.kind}: {p.detail}" for p in problems)
-    raise DataError(f"{record.where()}: {detail}", kind=problems[0].kind, record=record.id)
+    where = record.where() if record is not None else None
+    message = detail if where is None or detail.startswith(where) else f"{where}: {detail}"
+    return DataError(message, kind=problems[0].kind, record=problems[0].record)
+
+
+def select_checked(
+    spec: DataSpec, on_bad: str = "raise", cache: dict | None = None
+) -> tuple[list[Record], int]:
+    """The records of one dataset that a stage trains on, each through the check `validate` makes.
+
+    Those `spec.where` keeps, the first `spec.limit` good ones, each `spec.repeat` times (the copies
+    follow the originals). A bad record raises a DataError naming the file and record (on_bad='raise')
+    or is skipped; returns (records, skipped). A `where` that keeps nothing is an error naming it.
+    """
+    if on_bad not in ON_BAD:
+        raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
+    records = load_records(spec.path, spec.image_root)  # lazy: each record parsed once, when reached
+    check = RecordCheck(records, cache=cache)
+    kept: list[Record] = []
+    skipped = 0
+    for index in range(len(records)):
+        if spec.limit and len(kept) >= spec.limit:
+            break
+        record, problems = check.read(index)
+        if not problems:
+            if not spec.selects(record.meta):
+                continue
+            problems = check.check(record)
+        if problems and on_bad == "raise":
+            raise _refuse(problems, record)
+        skipped += bool(problems)
+        kept += [] if problems else [record]
+    if spec.where and not kept and not skipped:
+        raise ValueError(f"{spec.path}: no record matches where={spec.where} (fields: records' extra keys)")
+    return kept * spec.repeat, skipped
 
 
 @dataclass
@@ -252,16 +341,18 @@ def validate(
     report = Report(str(path), str(records.image_root), len(records))
     if not records:  # nothing to train on is not a dataset that passes
         report.problems.append(Problem("bad file", None, f"{path}: no records"))
-    cache: dict = {}
+    check = RecordCheck(records, max_pixels)
     for i in range(len(records)):
-        try:
-            record = records[i]
-        except DataError as e:
-            report.problems.append(Problem(e.kind, e.record or f"#{i}", str(e)))
-            continue
-        report.problems += check_record(record, records.image_root, max_pixels, cache=cache)
+        report.problems += check(i)[1]
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return int(text)
 
 
 def main_validate(argv: list[str] | None = None) -> int:
@@ -275,7 +366,7 @@ def main_validate(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_PIXELS,
         help=f"largest image allowed, in pixels (default {DEFAULT_MAX_PIXELS})",
     )
-    p.add_argument("--show", type=int, default=5, help="details shown per problem kind")
+    p.add_argument("--show", type=_count, default=5, help="details shown per problem kind (0 or more)")
     args = p.parse_args(argv)
     report = validate(args.file, args.image_root, args.max_pixels)
     print(report.format(args.show))

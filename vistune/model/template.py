@@ -92,7 +92,9 @@ def _closing(tokenizer: PreTrainedTokenizerBase, masked: list[dict], i: int, ful
     return upto[upto.rindex(mark) + len(mark) :]
 
 
-def _closings(tokenizer: PreTrainedTokenizerBase, masked: list[dict], full: str, where: str) -> dict[int, int]:
+def _closings(
+    tokenizer: PreTrainedTokenizerBase, masked: list[dict], full: str, where: str
+) -> dict[int, int]:
     """{assistant turn: length of the template text that closes it}, in time linear in the conversation.
 
     The closing text is what the template writes after the turn when the conversation ends there.

@@ -1,12 +1,13 @@
 """Conversation data for the `vlm` stage: records rendered to ids/labels once, then batched.
 
-Every record is checked and rendered up front, so problems surface before training starts: a bad
-record stops the run naming its file and id (or, with `on_bad_record: skip`, is counted and skipped),
-and an over-long record is cut after its last image token when that keeps some answer tokens, else
-dropped and counted. Truncation never cuts through image tokens. Images are decoded in full by that
-check (as `load_image` decodes them when their batch is built; each file once, however many records
-share it), so a record whose image training could not load is caught here, and with `skip` it never
-reaches a batch, in this run or a resumed one.
+Every record is checked (by the check `vistune data validate` makes: `validate.select_checked`) and
+rendered up front, so problems surface before training starts: a bad record stops the run naming its
+file and id (or, with `on_bad_record: skip`, is counted and skipped), and an over-long record is cut
+after its last image token when that keeps some answer tokens, else dropped and counted. Truncation
+never cuts through image tokens. Images are decoded in full by that check (as `load_image` decodes them
+when their batch is built; each file once, however many records share it), so a record whose image
+training could not load is caught here, and with `skip` it never reaches a batch, in this run or a
+resumed one.
 
 A micro-batch is right-padded rows, one record each (`collate`), or with `pack: true` several records
 per row (`collate_packed`): first-fit by length into rows of `pack_length` tokens, with position ids
@@ -23,9 +24,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vistune.config import DataSpec
-from vistune.data.readers import select_records
 from vistune.data.records import Record
-from vistune.data.validate import ensure_valid
+from vistune.data.validate import select_checked
 from vistune.model.llm import image_token_id
 from vistune.model.template import IGNORE, RenderError, render
 
@@ -55,7 +55,10 @@ class ConversationData(torch.utils.data.Dataset):
         self.counts: Counter[str] = Counter()
         self._checked: dict = {}  # validation's cache: each image file decoded once
         for spec in specs:
-            for record in select_records(spec):
+            records, skipped = select_checked(spec, on_bad_record, self._checked)  # as `validate` checks
+            if skipped:
+                self.counts["skipped_bad"] += skipped
+            for record in records:
                 self._add(record, spec, tokenizer, image_tokens, max_length, on_bad_record)
         del self._checked
         if not self.samples:
@@ -63,9 +66,6 @@ class ConversationData(torch.utils.data.Dataset):
 
     def _add(self, record: Record, spec: DataSpec, tokenizer, image_tokens, max_length, on_bad) -> None:
         root = Path(spec.image_root or Path(spec.path).parent)
-        if not ensure_valid(record, root, on_bad=on_bad, cache=self._checked):
-            self.counts["skipped_bad"] += 1
-            return
         try:
             out = render(
                 record.turns, tokenizer, image_tokens=image_tokens, num_images=len(record.images),
