@@ -7,6 +7,10 @@ vistune's preprocessing, and a model card (README.md) with the recipe, data and 
 beside the model dir. Before anything is written, both models answer built-in probes in fp32 and the
 export is refused if a token id or greedy answer differs or a logit differs by more than 1e-4
 (`--no-check` skips this). The directory is written under a temporary name and renamed into place.
+
+`--out` may not be, or hold, or lie inside the model dir; `--overwrite` replaces only a previous export
+(a flat directory with a LLaVA `config.json`, its weights and the model card this command writes), never
+any other directory.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from vistune.model.vlm import MODEL_FILE, VLM, load_vlm
 FORMATS = ("hf-llava",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = 1e-4  # largest logit difference allowed in fp32
+CARD_TITLE = "# A vistune model in the transformers LLaVA format"
 
 
 def export_llava(
@@ -40,10 +45,7 @@ def export_llava(
     out = Path(out)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    check_out(Path(model_dir), out, overwrite)
     model = load_vlm(model_dir)
     hf, processor = to_hf_llava(model), to_hf_processor(model)
     parity = check_parity(model, hf, processor) if check else None
@@ -59,11 +61,64 @@ def export_llava(
         hf.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(Path(model_dir), model, parity, dtype), encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return parity
+
+
+def check_out(model_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an `--out` that would touch the model or a directory that is not a previous export."""
+    source, target = model_dir.resolve(), out.resolve()
+    if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+        raise ValueError(
+            f"{out}: is, holds or lies inside the model dir {model_dir}; choose an --out outside it"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    why = not_an_export(out)
+    if why:
+        raise ValueError(
+            f"{out}: --overwrite replaces only a previous export, and {why}; choose another --out"
+        )
+
+
+def not_an_export(path: Path) -> str | None:
+    """Why `path` is not a directory this command wrote (None when it is one)."""
+    folders = sorted(p.name for p in path.iterdir() if p.is_dir() or not p.is_file())
+    if folders:
+        return f"it holds {folders[0]!r}, which is not a file (an export holds files only)"
+    config = _read_json(path / "config.json")
+    if not isinstance(config, dict) or config.get("model_type") != "llava":
+        return "it has no config.json of a LLaVA model"
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return "it has no model.safetensors"
+    try:
+        card = (path / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        card = ""
+    if CARD_TITLE not in card:
+        return "its README.md is not the model card of a vistune export"
+    return None
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Move `new` to `out`; a previous `out` is moved aside first and removed only once `new` is in place."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        if old.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -114,7 +169,7 @@ def model_card(model_dir: Path, model: VLM, parity: Parity | None, dtype: str) -
     return "\n".join([
         "---", "library_name: transformers", "pipeline_tag: image-text-to-text",
         "tags: [vistune, llava]", "---",
-        "", "# A vistune model in the transformers LLaVA format", "",
+        "", CARD_TITLE, "",
         f"- vision tower: {cfg.vision.kind}, {tower}, {cfg.vision.image_size} px, feature layer "
         f"{cfg.vision.feature_layer}, images made square by `{cfg.vision.preprocess}`",
         f"- projector: {cfg.projector.name}; {model.image_tokens} image tokens per image",
@@ -158,7 +213,7 @@ def main_export(argv: list[str] | None = None) -> int:
         "--max-shard-size", type=shard_size, default="5GB", help="weights above this are split into shards"
     )
     p.add_argument("--no-check", action="store_true", help="skip the parity check against vistune")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export at --out (only that)")
     args = p.parse_args(argv)
     if not (Path(args.model_dir) / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{args.model_dir}: not a vistune model dir (no {MODEL_FILE})")
