@@ -5,9 +5,16 @@
 A short run of every stage kind (scene, classify, contrastive, LoRA instruct) on a tiny shapes world
 and a tiny Llama built from a config (SmolLM2's tokenizer) is first trained without interruption. Then,
 for each trial, the same command starts in a fresh run dir, gets SIGKILL after a random share of the
-uninterrupted run's training time (counted from its first logged step, so that start-up does not
+uninterrupted run's time (counted from the moment its run dir holds its log, so that imports do not
 swallow the kills), and is resumed with `--resume` until it finishes; its final weights are compared
-bit for bit with the uninterrupted run's. Prints k/N identical, and where each kill landed.
+bit for bit with the uninterrupted run's.
+
+The trained process says which phase it is in (`--child`: it runs `vistune` with the phases marked in a
+file), so each kill is known to have landed in one of: `data` (a stage's records read, checked and
+rendered), `stage` (a stage's set-up and optimizer steps), `save` (writing a checkpoint), `stage
+boundary` (between stages, and after the last one: the final model), or outside training: `start-up`
+(building the model) or after the run ended. Only kills that landed while training ran (the four phases)
+are counted; prints k/N identical and how many kills landed in each phase.
 """
 
 from __future__ import annotations
@@ -16,10 +23,14 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +39,39 @@ from safetensors.torch import load_file
 from vistune.shapes.synth import synthesize
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+PHASES = ("data", "stage", "save", "stage boundary")  # while training runs: the kills that count
+PHASE_FILE = "phase.txt"  # beside the run dir
+
+
+def mark(path: Path, phase: str) -> None:
+    """Write the phase atomically, so that a kill never leaves the file half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(phase)
+    os.replace(tmp, path)
+
+
+def child(phase_file: Path, argv: list[str]) -> int:
+    """`vistune ARGV` with its phases marked in `phase_file` (the trained process of a trial)."""
+    from vistune import cli
+    from vistune.train import checkpoint, loop, run
+
+    def wrap(module, name: str, before: str, after: str | None) -> None:
+        real = getattr(module, name)
+
+        def marked(*args, **kwargs):
+            previous = phase_file.read_text() if phase_file.exists() else "start-up"
+            mark(phase_file, before)
+            result = real(*args, **kwargs)
+            mark(phase_file, after or previous)
+            return result
+
+        setattr(module, name, marked)
+
+    mark(phase_file, "start-up")
+    wrap(run, "build_objective", "data", "stage")
+    wrap(loop, "fit", "stage", "stage boundary")
+    wrap(checkpoint, "save_checkpoint", "save", None)
+    return cli.main(argv)
 
 
 def config(data: Path) -> dict:
@@ -57,9 +101,10 @@ def config(data: Path) -> dict:
 
 
 def train(cfg: Path, out: Path, resume: bool) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vistune.cli", "train", str(cfg), "--out", str(out)] + (
-        ["--resume"] * resume
-    )
+    """`vistune train` in a child process that marks its phases in `out`'s sibling phase file."""
+    phases = out.parent / f"{out.name}.{PHASE_FILE}"
+    cmd = [sys.executable, __file__, "--child", str(phases), "train", str(cfg), "--out", str(out)]
+    cmd += ["--resume"] * resume
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -81,32 +126,58 @@ def wait_for_training(run: subprocess.Popen, out: Path) -> float:
     return time.perf_counter()
 
 
-def trial(cfg: Path, out: Path, delay: float, reference: dict[str, torch.Tensor]) -> tuple[bool, str]:
-    """Start, SIGKILL `delay` seconds into training, resume to the end; (identical?, where it landed)."""
+@dataclass
+class Trial:
+    """Where one kill landed and what came of it."""
+
+    phase: str  # one of PHASES, "start-up", or "after the run ended"
+    checkpoint: str  # the newest complete checkpoint the killed run left
+    same: bool | None = None  # None: not counted (the kill did not land while training ran)
+    failure: str = ""
+
+
+def trial(cfg: Path, out: Path, delay: float, reference: dict[str, torch.Tensor]) -> Trial:
+    """Start, SIGKILL `delay` seconds into the run, resume to the end, compare with `reference`."""
     run = train(cfg, out, resume=False)
     wait_for_training(run, out)
     time.sleep(delay)
-    if run.poll() is None:
-        run.send_signal(signal.SIGKILL)
-        run.wait()
-    landed = where(out) if (out / "checkpoints").is_dir() else "before the first checkpoint"
+    if run.poll() is not None:  # finished before the kill: nothing to resume, nothing to count
+        return Trial("after the run ended", where(out))
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    phase = (out.parent / f"{out.name}.{PHASE_FILE}").read_text()
+    result = Trial(phase, where(out) if (out / "checkpoints").is_dir() else "no checkpoint")
     resumed = train(cfg, out, resume=True)
     _, err = resumed.communicate()
     if resumed.returncode != 0:
-        return (
-            False,
-            f"{landed}; resume failed: {err.strip().splitlines()[-1] if err.strip() else resumed.returncode}",
-        )
+        result.same = False
+        result.failure = err.strip().splitlines()[-1] if err.strip() else f"exit {resumed.returncode}"
+        return result
     final = weights(out / "model")
     same = final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in reference)
-    return same, landed
+    result.same = same if phase in PHASES else None
+    return result
+
+
+def report(results: list[Trial], seconds: float) -> None:
+    """k/N identical over the kills that landed while training ran, and the count of each phase."""
+    counted = [r for r in results if r.same is not None]
+    landed = Counter(r.phase for r in results)
+    phases = ", ".join(f"{phase} {landed[phase]}" for phase in PHASES)
+    others = ", ".join(f"{phase} {n}" for phase, n in landed.items() if phase not in PHASES) or "none"
+    print(
+        f"{sum(r.same for r in counted)}/{len(counted)} identical, of the kills that landed while training "
+        f"ran ({phases}); not counted: {others} (uninterrupted run: {seconds:.1f} s)"
+    )
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        raise SystemExit(child(Path(sys.argv[2]), sys.argv[3:]))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", default="/tmp/vistune-kill-resume")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "vistune-kill-resume"))
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -117,22 +188,26 @@ def main() -> None:
         )
     cfg = work / "config.json"
     cfg.write_text(json.dumps(config(data)))
+    shutil.rmtree(work / "reference", ignore_errors=True)
     ref = train(cfg, work / "reference", resume=False)
     start = wait_for_training(ref, work / "reference")
     _, err = ref.communicate()
     if ref.returncode != 0:
         raise SystemExit(f"the uninterrupted run failed: {err[-2000:]}")
-    seconds = time.perf_counter() - start  # from the first logged step to the saved model
+    seconds = time.perf_counter() - start  # from the run dir's log to the saved model
     reference = weights(work / "reference" / "model")
     rng = random.Random(a.seed)
     results = []
     for k in range(a.kills):
-        delay = rng.uniform(0.05, 0.95) * seconds
-        same, landed = trial(cfg, work / f"trial{k:02d}", delay, reference)
-        results.append(same)
-        verdict = "identical" if same else "DIFFERENT"
-        print(f"trial {k:2d}: killed {delay:5.1f} s into training ({landed}): {verdict}", flush=True)
-    print(f"{sum(results)}/{len(results)} identical (uninterrupted run: {seconds:.1f} s of training)")
+        delay = rng.uniform(0.02, 0.98) * seconds
+        out = work / f"trial{k:02d}"
+        shutil.rmtree(out, ignore_errors=True)
+        result = trial(cfg, out, delay, reference)
+        results.append(result)
+        verdict = {None: "not counted", True: "identical", False: f"DIFFERENT {result.failure}"}[result.same]
+        print(f"trial {k:2d}: killed {delay:5.1f} s in, phase {result.phase!r} (newest checkpoint "
+              f"{result.checkpoint}): {verdict}", flush=True)  # fmt: skip
+    report(results, seconds)
 
 
 if __name__ == "__main__":

@@ -641,7 +641,7 @@ def _old_run(tmp: Path) -> None:
 
 
 def _corrupt_checkpoint(tmp: Path) -> None:
-    """A run whose only checkpoint is marked complete but holds a state.json cut short."""
+    """A run whose only checkpoint is marked complete but holds a state.json cut short (and no sums)."""
     ckpt = tmp / "run" / "checkpoints" / "stage0-step00000001"
     ckpt.mkdir(parents=True)
     (ckpt / "COMPLETE").write_text("ok\n")
@@ -653,6 +653,13 @@ def _resumed_fresh(tmp: Path, output: str) -> None:
     assert "resume: skipping checkpoint stage0-step00000001" in output, output
     assert (tmp / "run" / "model" / "vistune.json").is_file()
     assert [r["step"] for r in _lines(tmp / "run" / "metrics.jsonl") if "step" in r] == [0]
+
+
+def _recorded_as_is(cfg: dict, tmp: Path) -> None:
+    """A run dir whose recorded config is this one."""
+    from vistune.config import config_from_dict
+
+    _json(tmp / "run" / "config.json", config_from_dict(cfg).to_dict())
 
 
 def _recorded_with_other_lr(cfg: dict, tmp: Path) -> None:
@@ -875,7 +882,7 @@ def train_cases() -> list[Case]:
         T(
             "resume-past-a-corrupt-checkpoint",
             (),
-            None,
+            _recorded_as_is,
             "--resume",
             prepare=_corrupt_checkpoint,
             expect="skip",

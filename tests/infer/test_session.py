@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -185,9 +186,13 @@ def test_session_reply_is_the_greedy_answer(generator):
 def test_a_failed_generation_leaves_the_session_as_it_was():
     class Failing:
         tokenizer = None
+        llm = SimpleNamespace(config=None)  # no context to check
 
         def prefix_cache(self, max_bytes):
             return None
+
+        def prompt_ids(self, turns, num_images):
+            return [1]
 
         def generate(self, *args, **kwargs):
             raise RuntimeError("out of memory")

@@ -146,7 +146,7 @@ def test_nothing_is_unpickled(tmp_path, monkeypatch):
         tmp_path, "s1", ckpt.gather_state(model, optimizer, scheduler), {"step": 1}, keep_last=1
     )
     assert sorted(p.name for p in path.iterdir()) == [
-        ckpt.COMPLETE, "model.safetensors", "optimizer.safetensors", "state.json"
+        ckpt.COMPLETE, "model.safetensors", "optimizer.safetensors", "state.json", ckpt.SUMS
     ]  # fmt: skip
 
     def refuse(*args, **kwargs):

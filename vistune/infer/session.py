@@ -4,6 +4,10 @@ In a session, `/image PATH` attaches an image to your next message, `/reset` sta
 (or end of input) leaves. Replies stream token by token. Each follow-up turn reuses the keys and
 values of the conversation so far (`vistune.infer.prefix`): only the new message is read, and images
 already in the conversation are not encoded again.
+
+Every turn is checked against the model's context as the server checks requests (`vistune.infer.context`):
+a prompt that, with `--max-new-tokens`, does not fit is refused with the sizes, never cut. In a session a
+refused message, an unreadable image or a line that is not UTF-8 is reported and the session goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from vistune.data.images import ImageError, load_image
 from vistune.data.records import IMAGE_PLACEHOLDER, Turn
+from vistune.infer.context import context_length, token_budget
 from vistune.infer.generate import Generator, load_generator
+from vistune.model.template import RenderError
 
 MB = 2**20
 
@@ -61,6 +67,7 @@ class Session:
         content = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + text
         # The turn says how many images it holds: an `<image>` typed in any message stays text.
         turns, all_images = [*self.turns, Turn("user", content, len(images))], [*self.images, *images]
+        self.check_context(turns, len(all_images), sampling.get("max_new_tokens", 64))
         # A session's images never change once attached, so a fresh name per attachment is as exact as
         # a content hash (`image_key`), which would cost ~130 ms on a 12-megapixel picture's first turn.
         keys = [*self.image_keys, *(uuid.uuid4().hex for _ in images)] if self.prefixes is not None else None
@@ -74,15 +81,34 @@ class Session:
         self.image_keys = keys or []
         return reply
 
+    def check_context(self, turns: list[Turn], num_images: int, max_new_tokens: int) -> None:
+        """Raise a ContextError (a ValueError) when `turns` and `max_new_tokens` do not fit the context."""
+        prompt = self.generator.prompt_ids(turns, num_images)
+        token_budget(
+            len(prompt), max_new_tokens, context_length(self.generator.llm.config),
+            asked_name="--max-new-tokens", shorten="shorten it (in a session, /reset starts over)",
+        )  # fmt: skip
+
+
+class BadLine(str):
+    """A line of standard input that is not UTF-8 (its text says so)."""
+
 
 def _lines() -> Iterator[str]:
-    """Lines typed at a prompt, or piped in."""
+    """Lines typed at a prompt, or piped in; a line that is not UTF-8 comes as a `BadLine`."""
     if not sys.stdin.isatty():
-        yield from sys.stdin
+        stream = getattr(sys.stdin, "buffer", None)
+        for number, line in enumerate(stream if stream is not None else sys.stdin, 1):
+            try:
+                yield line.decode("utf-8") if isinstance(line, bytes) else line
+            except UnicodeDecodeError:
+                yield BadLine(f"line {number} of standard input is not UTF-8 text; skipped")
         return
     while True:
         try:
             yield input("> ")
+        except UnicodeDecodeError:
+            yield BadLine("that line is not UTF-8 text; skipped")
         except EOFError:
             return
 
@@ -105,8 +131,7 @@ def _number(
     return parse
 
 
-def main_chat(argv: list[str] | None = None) -> int:
-    """`vistune chat`: talk with a trained model dir (or a plain LLM such as `smollm2`)."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vistune chat", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a vistune model dir, or an LLM (hub id, local dir, smollm2)")
     parser.add_argument("--image", action="append", default=[], help="image for the first message")
@@ -119,7 +144,12 @@ def main_chat(argv: list[str] | None = None) -> int:
         "--prefix-cache-mb", type=_number(float, 0), default=1024.0,
         help="memory for the conversation's keys and values, reused by each follow-up turn (0: recompute)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_chat(argv: list[str] | None = None) -> int:
+    """`vistune chat`: talk with a trained model dir (or a plain LLM such as `smollm2`)."""
+    args = _parser().parse_args(argv)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     generator = load_generator(args.model, batch_size=1)
     session = Session(generator, args.system, int(args.prefix_cache_mb * MB))
@@ -127,12 +157,22 @@ def main_chat(argv: list[str] | None = None) -> int:
         raise ValueError(
             f"{args.model}: a plain language model cannot take --image; give a vistune model dir"
         )
+    _check_flags(session, args)
     pending = [load_image(p) for p in args.image]
     if args.prompt is not None:
         session.ask(args.prompt, pending, stream=True, **sampling)
         return 0
     print("Type a message; /image PATH attaches an image, /reset, /quit.", file=sys.stderr)
+    _converse(session, pending, sampling)
+    return 0
+
+
+def _converse(session: Session, pending: list[Image.Image], sampling: dict) -> None:
+    """The interactive loop: commands and messages until /quit or the end of input."""
     for line in _lines():
+        if isinstance(line, BadLine):  # reported; the session goes on
+            print(f"error: {line}", file=sys.stderr)
+            continue
         line = line.strip()
         if line in ("/quit", "/exit"):
             break
@@ -147,6 +187,24 @@ def main_chat(argv: list[str] | None = None) -> int:
             except ImageError as err:  # a mistyped path must not end the session
                 print(f"error: {err}", file=sys.stderr)
         elif line:
-            session.ask(line, pending, stream=True, **sampling)
-            pending = []
-    return 0
+            try:
+                session.ask(line, pending, stream=True, **sampling)
+                pending = []
+            except (RenderError, ValueError) as err:  # too long for the context, not valid text
+                print(f"error: {err}", file=sys.stderr)
+
+
+def _check_flags(session: Session, args: argparse.Namespace) -> None:
+    """Before any message: --max-new-tokens and --system (with an empty message) fit the context."""
+    context = context_length(session.generator.llm.config)
+    if context is not None and args.max_new_tokens >= context:
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
+            f"({context} tokens)"
+        )
+    if args.system:
+        try:
+            session.check_context([*session.turns, Turn("user", "", 0)], 0, args.max_new_tokens)
+        except ValueError as err:
+            message = f"--system: {err}".replace(" (in a session, /reset starts over)", "")
+            raise ValueError(message) from None

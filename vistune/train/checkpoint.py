@@ -1,18 +1,20 @@
 """Crash-safe training checkpoints in safe formats (safetensors + JSON; nothing is unpickled).
 
-A checkpoint is a directory `stageN-stepXXXXXXXX` holding the model weights and the optimizer's
-tensors (safetensors), and everything else (optimizer hyper-parameters, scheduler, RNG states, data
-position) as JSON. States are taken with torch's distributed state-dict API (full, on the CPU), so the
-same code saves and restores a plain module, a DDP replica or FSDP-sharded weights; taking them is a
-collective step that every process runs, writing is the main process's. A checkpoint is written under
-a temporary name, flushed to disk (fsync), renamed into place, and only then marked COMPLETE: a run
-killed at any moment leaves the previous complete checkpoint untouched; unmarked directories are
-ignored, and removed by the next save. Checkpoints are ordered by the numbers in their names (stage,
-then step); resuming takes the newest one that reads whole and says which it skipped.
+A checkpoint is a directory `stageN-stepXXXXXXXX` holding the model weights and the optimizer's tensors
+(safetensors), everything else (optimizer hyper-parameters, scheduler, RNG states, data position) as JSON,
+and `sums.json`, the SHA-256 of each of those files, written last. States are taken with torch's distributed
+state-dict API (full, on the CPU), so the same code saves and restores a plain module, a DDP replica or
+FSDP-sharded weights; taking them is a collective step that every process runs, writing is the main
+process's. A checkpoint is written under a temporary name, flushed to disk (fsync), renamed into place, and
+only then marked COMPLETE: a run killed at any moment leaves the previous complete checkpoint untouched;
+unmarked directories are ignored, and removed by the next save. Checkpoints are ordered by the numbers in
+their names (stage, then step); resuming takes the newest one whose files match their sums and read whole,
+and says which it skipped and why (a flipped bit, a truncated file, a state.json edited by hand).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -37,6 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 COMPLETE = "COMPLETE"
+SUMS = "sums.json"
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 # Full (unsharded) states on the CPU, keyed by parameter name.
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -164,14 +168,27 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = {"aliases": aliases, "optimizer": plain, "scheduler": state.scheduler, "rng": rng_state(), **info}
     (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json", "."):
+    for name in FILES:
         _fsync(tmp / name)  # on disk before the checkpoint can be called complete
+    sums = {name: sha256_file(tmp / name) for name in FILES}
+    (tmp / SUMS).write_text(json.dumps({"sha256": sums}, indent=1), encoding="utf-8")
+    for name in (SUMS, "."):
+        _fsync(tmp / name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync(root)
     _write_marker(final)
     _rotate(root, keep_last)
     return final
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -223,23 +240,57 @@ def _check_safetensors(path: Path) -> None:
     """A safetensors file whose header parses and whose size holds every tensor it lists."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
+        if size > path.stat().st_size:
+            raise ValueError(f"{path.name} has a corrupt header (it declares {size} bytes)")
         try:
             header = json.loads(f.read(size))
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{path.name} has a corrupt header ({err})") from err
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    entries = [v for k, v in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+    offsets = [v.get("data_offsets") if isinstance(v, dict) else None for v in entries or []]
+    if entries is None or not all(isinstance(o, list) and len(o) == 2 for o in offsets):
+        raise ValueError(f"{path.name} has a corrupt header (not an object of tensors with data_offsets)")
+    end = max((int(o[1]) for o in offsets), default=0)
     if path.stat().st_size < 8 + size + end:
         raise ValueError(f"{path.name} is truncated ({path.stat().st_size} bytes, needs {8 + size + end})")
 
 
+def _check_sums(ckpt: Path) -> None:
+    """Every file of the checkpoint has the SHA-256 that `sums.json` recorded when it was written."""
+    try:
+        sums = json.loads((ckpt / SUMS).read_text(encoding="utf-8"))["sha256"]
+    except FileNotFoundError:
+        raise ValueError(f"there is no {SUMS} (the SHA-256 of its files)") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"{SUMS} is corrupt") from None
+    for name in FILES:
+        if not isinstance(sums, dict) or name not in sums:
+            raise ValueError(f"{SUMS} lists no SHA-256 for {name}")
+        if sha256_file(ckpt / name) != sums[name]:
+            raise ValueError(f"{name} does not match its SHA-256 in {SUMS} (changed since it was written)")
+
+
+def _check_info(info: Any) -> None:
+    """state.json holds what resuming reads: stage and step numbers, the optimizer and random states."""
+    if not isinstance(info, dict):
+        raise ValueError(f"state.json holds {type(info).__name__}, not an object")
+    for key, kind in (("stage", int), ("step", int), ("optimizer", dict), ("rng", dict), ("aliases", dict)):
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            raise ValueError(f"state.json: field {key!r} is missing or not {kind.__name__}")
+    if not isinstance(info.get("stage_complete", False), bool):
+        raise ValueError("state.json: field 'stage_complete' is not true or false")
+
+
 def usable_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | tuple[None, None]:
-    """The newest complete checkpoint that reads whole, with its info; a broken newer one is skipped with a
-    message saying why (a disk that lost data, a file edited by hand)."""
+    """The newest complete checkpoint whose files match their sums and read whole, with its info; a broken
+    newer one is skipped with a message saying why (a disk that lost data, a file edited by hand)."""
     for path in reversed(complete_checkpoints(run_dir)):
         try:
             info = read_info(path)
+            _check_info(info)
             for name in ("model.safetensors", "optimizer.safetensors"):
                 _check_safetensors(path / name)
+            _check_sums(path)
             return path, info
         except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
             print(f"resume: skipping checkpoint {path.name}: {err}", file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, nullcontext
@@ -38,7 +39,7 @@ from vistune.config import Stage
 from vistune.train import checkpoint as ckpt
 from vistune.train.objective import Objective, StageContext
 from vistune.train.order import batch_indices, total_steps
-from vistune.train.rundir import check_run_dir, clear_run_dir, record_config
+from vistune.train.rundir import check_run_dir, clear_run_dir, record_config, resume_sha256
 from vistune.train.runlog import RunLog
 from vistune.train.trainable import set_trainable
 
@@ -56,6 +57,7 @@ class Run:
     save_every: int = 200
     keep_last: int = 2
     log_every: int = 10
+    config_sha256: str | None = None  # what a resumed run must keep (`rundir.resume_sha256`)
 
     def context(self) -> StageContext:
         """The StageContext objectives are built with."""
@@ -90,7 +92,7 @@ def run_stages(
 ) -> None:
     """Train `model` through `stages` in order; with `resume`, continue from the newest complete
     checkpoint: stages it finished are skipped, a stage it is inside continues at the next step."""
-    last, info = ckpt.usable_checkpoint(run.dir) if resume else (None, None)
+    last, info = resumed_from(run) if resume else (None, None)
     if info and info["stage_complete"]:
         ckpt.load_weights(last, model)  # the model as that stage left it; later stages start from here
         ckpt.set_rng_state(info["rng"])  # and the random state it left, so new adapters start the same
@@ -99,6 +101,24 @@ def run_stages(
             continue
         resume_from = last if info and index == info["stage"] else None
         fit(build(stage), stage, run, index, keep=model, resume_from=resume_from)
+
+
+def resumed_from(run: Run) -> tuple[Path, dict] | tuple[None, None]:
+    """The checkpoint `--resume` continues from (the newest intact one), said on stderr; an error when it
+    was written under another config."""
+    last, info = ckpt.usable_checkpoint(run.dir)
+    if last is None:
+        print(f"resume: no usable checkpoint in {run.dir}; training from the first step", file=sys.stderr)
+        return None, None
+    written = info.get("config_sha256")
+    if written is not None and run.config_sha256 is not None and written != run.config_sha256:
+        raise ValueError(
+            f"{last}: written under a config that differs from this one in a field that may not change on "
+            "--resume (its SHA-256); resume with the run's config, or start a new run"
+        )
+    info.setdefault("stage_complete", False)
+    print(f"resume: continuing from checkpoint {last.name}", file=sys.stderr, flush=True)
+    return last, info
 
 
 def open_run(
@@ -127,7 +147,8 @@ def open_run(
             record_config(run_dir, config)
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, accelerator.is_main_process)
-    return Run(run_dir, accelerator, log, seed, save_every, keep_last, log_every)
+    fixed = resume_sha256(config) if config is not None else None
+    return Run(run_dir, accelerator, log, seed, save_every, keep_last, log_every, fixed)
 
 
 def fit(
@@ -302,5 +323,7 @@ def save(run: Run, state: ckpt.TrainingState, index: int, step: int, complete: b
     accelerator = run.accelerator
     if accelerator.is_main_process:
         info = {"stage": index, "step": step, "stage_complete": complete, "seed": run.seed}
+        if run.config_sha256 is not None:
+            info["config_sha256"] = run.config_sha256
         ckpt.save_checkpoint(run.dir, f"stage{index}-step{step:08d}", state, info, run.keep_last)
     accelerator.wait_for_everyone()

@@ -2,8 +2,10 @@
 
 A fresh run into a dir that already holds a run's outputs stops (or, with `overwrite`, removes those
 outputs first, and only those); `resume` continues the run that is there, and stops when the config
-differs from the one the run recorded, naming the fields. The run records its config (`config.json`)
-and the config's SHA-256 (`run.json`).
+differs from the one the run recorded, naming the fields, or when there is no run to continue. The run
+records its config (`config.json`) and in `run.json` the config's SHA-256 and that of the part a resumed
+run must keep (`resume_sha256`: all but the operational fields), which is checked even when
+`config.json` is gone.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ RUN_OUTPUTS = (
     "config.json", "run.json", "checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "model", "stages",
     "model.safetensors", "vistune.json", "tokenizer", "vision.safetensors", "head.safetensors",
 )  # fmt: skip
-# Fields that may change between a run and its resumption: where it writes and how often.
+# Fields that may change between a run and its resumption: where it writes, how often it saves and logs,
+# how many checkpoints it keeps, and how many processes build a stage's batches (the same batches).
 OPERATIONAL = {"out", "save_every", "keep_last", "log_every"}
+STAGE_OPERATIONAL = {"workers"}
 
 
 def config_sha256(config: dict[str, Any]) -> str:
@@ -28,12 +32,27 @@ def config_sha256(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def resume_sha256(config: dict[str, Any]) -> str:
+    """The SHA-256 of what a resumed run must keep: the config without its operational fields."""
+    fixed = {k: v for k, v in config.items() if k not in OPERATIONAL}
+    if isinstance(fixed.get("stages"), list):
+        fixed["stages"] = [
+            {k: v for k, v in s.items() if k not in STAGE_OPERATIONAL} if isinstance(s, dict) else s
+            for s in fixed["stages"]
+        ]
+    return config_sha256(fixed)
+
+
+def _operational(path: str, key: str) -> bool:
+    return (not path and key in OPERATIONAL) or (path.startswith("stages[") and key in STAGE_OPERATIONAL)
+
+
 def differences(old: Any, new: Any, path: str = "") -> list[str]:
     """Dotted paths where two configs differ, with both values (operational fields ignored)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
-            if not path and key in OPERATIONAL:
+            if _operational(path, key):
                 continue
             sub = f"{path}.{key}" if path else key
             out += differences(old.get(key), new.get(key), sub)
@@ -57,21 +76,52 @@ def check_run_dir(run_dir: Path, config: dict[str, Any] | None, resume: bool, ov
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir}: exists and is not a directory; choose another --out (or `out`)")
     if resume:
-        saved = run_dir / "config.json"
-        if config is not None and saved.is_file():
-            changed = differences(json.loads(saved.read_text(encoding="utf-8")), config)
-            if changed:
-                listed = "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
-                raise ValueError(
-                    f"{run_dir}: --resume with a config that differs from the run's in {listed}; "
-                    "resume with the same config, or start a new run"
-                )
+        check_resume(run_dir, config)
         return
     found = present_outputs(run_dir)
     if found and not overwrite:
         raise ValueError(
             f"{run_dir}: holds a previous run ({', '.join(found)}); pass --resume to continue it, "
             "--overwrite to replace it, or choose another --out"
+        )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def check_resume(run_dir: Path, config: dict[str, Any] | None) -> None:
+    """Stop a `--resume` that has no run to continue, or whose config differs in a field that may not
+    change (named when the run's `config.json` is there, by the recorded SHA-256 when it is not)."""
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: --resume, but there is no run here (no such directory); check --out")
+    if config is None:  # commands that record no config (their arguments are the config)
+        return
+    saved, recorded = _read_json(run_dir / "config.json"), _read_json(run_dir / "run.json")
+    if not isinstance(saved, dict) and not isinstance(recorded, dict):
+        what = "lost its config.json and run.json" if present_outputs(run_dir) else "holds no run to resume"
+        raise ValueError(f"{run_dir}: --resume, but the dir {what}; start a new run (without --resume)")
+    if isinstance(saved, dict):
+        changed = differences(saved, config)
+        if changed:
+            listed = "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+            raise ValueError(
+                f"{run_dir}: --resume with a config that differs from the run's in {listed}; "
+                "resume with the same config (only out, save_every, keep_last, log_every and a stage's "
+                "workers may change), or start a new run"
+            )
+    recorded = recorded if isinstance(recorded, dict) else {}
+    if "resume_sha256" in recorded:
+        expected, actual = recorded["resume_sha256"], resume_sha256(config)
+    else:  # a run.json of an earlier version holds the whole config's SHA-256 only
+        expected, actual = recorded.get("config_sha256"), config_sha256(config)
+    if expected is not None and expected != actual:
+        raise ValueError(
+            f"{run_dir}: --resume with a config whose SHA-256 differs from the run's (run.json; config.json "
+            "is missing, so the fields cannot be named); resume with the same config, or start a new run"
         )
 
 
@@ -85,6 +135,5 @@ def clear_run_dir(run_dir: Path) -> None:
 def record_config(run_dir: Path, config: dict[str, Any]) -> None:
     """Write the resolved config and its SHA-256 into the run dir."""
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (run_dir / "run.json").write_text(
-        json.dumps({"config_sha256": config_sha256(config)}) + "\n", encoding="utf-8"
-    )
+    recorded = {"config_sha256": config_sha256(config), "resume_sha256": resume_sha256(config)}
+    (run_dir / "run.json").write_text(json.dumps(recorded) + "\n", encoding="utf-8")
