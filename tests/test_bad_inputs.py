@@ -1655,7 +1655,7 @@ def serve_cases() -> list[Case]:
             method="GET",
             path="/v1/models/gpt-4o",
         ),
-        _serve_cli("model-missing", ("no-model",), lambda t, w: [str(t / "no-model")]),
+        _serve_cli("model-missing", ("no-model",), lambda t, w: [str(t / "no-model"), "--port", "0"]),
         _serve_cli(
             "max-batch-zero",
             ("max_batch must be at least 1",),
@@ -1773,6 +1773,7 @@ def _run_cli(case: Case, tmp: Path, world: World, capsys, monkeypatch) -> None:
             raise AssertionError("the server would have started")
 
         monkeypatch.setattr("uvicorn.run", refuse)
+        monkeypatch.setattr("uvicorn.Server.run", refuse)
     capsys.readouterr()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

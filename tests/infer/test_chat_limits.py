@@ -48,7 +48,8 @@ def test_chat_and_server_count_the_same_prompt_alike(model_dir, capsys):
     chat_error = capsys.readouterr().err
     from vistune.infer.api import APIError, ChatRequest
 
-    engine = Engine(load_generator(str(model_dir), device="cpu"), ServeConfig(model_name="m"))
+    config = ServeConfig(model_name="m", max_prompt_chars=10**6)  # the token check, not the text cap
+    engine = Engine(load_generator(str(model_dir), device="cpu"), config)
     request = ChatRequest(model="m", messages=[{"role": "user", "content": LONG}])
     with pytest.raises(APIError) as err:
         engine.prepare(request)

@@ -30,6 +30,7 @@ IMAGE_PROBLEMS = (
     "too-large image",
 )
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, zlib.error)
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F")  # modes Image.reduce takes
 
 
 class ImageError(ValueError):
@@ -206,17 +207,25 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _decode(im: ImageFile.ImageFile, fp: BinaryIO, path: Path, whole_png: bool) -> Image.Image:
-    """Decode the first frame in full (with `whole_png`, check a PNG's data is complete), orient, to RGB."""
+def _decode(
+    im: ImageFile.ImageFile, fp: BinaryIO, path: Path, whole_png: bool, min_side: int | None = None
+) -> Image.Image:
+    """Decode the first frame in full (with `whole_png`, check a PNG's data is complete), orient, to RGB;
+    with `min_side`, downscaled by a whole factor to no less than `min_side` on its shorter side."""
     try:
         im.seek(0)  # animated GIF/PNG/WebP: the first frame
         whole_png = whole_png and im.format == "PNG"
         marker = _mark_last_row(im) if whole_png else None
+        if min_side and im.format == "JPEG":
+            im.draft(im.mode, (min_side, min_side))  # decoded at 1/2, 1/4 or 1/8 scale where that is enough
         im.load()
         short = _png_incomplete(im, fp, marker) if whole_png else 0
         if not short:
-            ImageOps.exif_transpose(im, in_place=True)
-            return to_rgb(im)
+            factor = min(im.size) // min_side if min_side else 1
+            if factor < 2 or im.mode not in _REDUCIBLE:
+                ImageOps.exif_transpose(im, in_place=True)
+                return to_rgb(im)
+            return to_rgb(ImageOps.exif_transpose(im.reduce(factor)))  # the full-size pixels go at once
     except Image.DecompressionBombError as e:  # Pillow's own check inside a decoder (TIFF, GIF frames)
         raise ImageError(path, "too-large image", f"refused by Pillow's MAX_IMAGE_PIXELS ({e})") from e
     except _DECODE_ERRORS as e:
@@ -244,6 +253,16 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     zero-byte, unreadable, truncated, too-large) naming the path.
     """
     return _load(path, max_pixels, whole_png=False)
+
+
+def decode_opened(
+    im: ImageFile.ImageFile, fp: BinaryIO, label: str, min_side: int | None = None
+) -> Image.Image:
+    """Decode an image `open_header` opened from `fp` as `check_image` checks it (a PNG must hold every
+    row), oriented, RGB; `min_side`: downscaled by a whole factor to no less than that on its shorter side
+    (JPEGs decoded at that scale). Raises ImageError naming `label`; closes `im`."""
+    with im:
+        return _decode(im, fp, Path(label), whole_png=True, min_side=min_side)
 
 
 def check_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

@@ -6,16 +6,22 @@ silently ignored it. Each message becomes a `Turn` that says how many images it 
 image parts become one `<image>` placeholder each, in front of the message's text (LLaVA's training
 layout, and vLLM's for templates that know no images), and an `<image>` typed in text stays text.
 Every error is an `APIError`, rendered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+
+`parse_request` reads a body (in a worker thread, not on the event loop): the number of messages is
+capped before the JSON is parsed (from the `"role"` keys in the raw bytes) and again after, so that a
+body of a million tiny messages is refused without building them.
 """
 
 from __future__ import annotations
 
+import email.message
+import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vistune.data.records import IMAGE_PLACEHOLDER, Turn
 
@@ -25,6 +31,7 @@ ERROR_TYPES = {
     401: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -118,6 +125,51 @@ class ImageRef:
     param: str
 
 
+def _is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type names JSON (absent: taken as JSON), as FastAPI reads a JSON body."""
+    if not content_type:
+        return True
+    message = email.message.Message()
+    message["content-type"] = content_type
+    kind, subtype = message.get_content_maintype(), message.get_content_subtype()
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _too_many_messages(count: int, limit: int) -> APIError:
+    return APIError(
+        400, f"{count} messages in one request, over this server's limit of {limit} (--max-messages)",
+        "messages", "too_many_messages",
+    )  # fmt: skip
+
+
+def parse_request(body: bytes, content_type: str | None, max_messages: int) -> ChatRequest:
+    """The request a body holds, checked field by field; APIError (400) naming what is wrong."""
+    from vistune.infer.guards import validation_error  # guards imports this module
+
+    if not body:
+        raise validation_error([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    if not _is_json(content_type):
+        raise validation_error([{"type": "model_attributes_type", "loc": ("body",), "msg": ""}])
+    if body.count(b'"role"') > max_messages:  # counted before the JSON is parsed: an upper bound
+        raise _too_many_messages(body.count(b'"role"'), max_messages)
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError as err:
+        raise validation_error([{"type": "json_invalid", "loc": ("body", err.pos), "msg": err.msg}]) from None
+    except UnicodeDecodeError:
+        raise APIError(400, "the body is not valid JSON (it is not UTF-8 text)") from None
+    except RecursionError:
+        raise APIError(400, "the body is not valid JSON (nested too deeply to read)") from None
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    if isinstance(messages, list) and len(messages) > max_messages:
+        raise _too_many_messages(len(messages), max_messages)
+    try:
+        return ChatRequest.model_validate(payload)
+    except ValidationError as err:
+        errors = [e | {"loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
+        raise validation_error(errors) from None
+
+
 def check_request(req: ChatRequest, model_name: str) -> None:
     """Refuse what the schema cannot say: another model, several choices, unsupported sampling knobs."""
     if req.model != model_name:
@@ -147,6 +199,15 @@ def stop_strings(req: ChatRequest) -> tuple[str, ...]:
 
 def requested_max_tokens(req: ChatRequest) -> int | None:
     return req.max_completion_tokens or req.max_tokens
+
+
+def text_characters(messages: list[Message]) -> int:
+    """The characters of text in the messages (image parts not counted)."""
+    return sum(
+        len(m.content) if isinstance(m.content, str)
+        else sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+        for m in messages
+    )  # fmt: skip
 
 
 def to_turns(messages: list[Message]) -> tuple[list[Turn], list[ImageRef]]:

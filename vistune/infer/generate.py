@@ -120,12 +120,16 @@ class Generator:
         ends = [k for k, token in enumerate(row) if token in self.eos]
         return row[: ends[0] + 1] if ends else row
 
-    def prompt_ids(self, conversation: list[Turn], num_images: int) -> list[int]:
-        """The prompt's token ids (image tokens expanded, assistant header appended)."""
+    def prompt_ids(
+        self, conversation: list[Turn], num_images: int, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> list[int]:
+        """The prompt's token ids (image tokens expanded, assistant header appended); `tokenizer`: a copy
+        of the model's to render with (another thread may be using the model's own)."""
         image_tokens = self.vlm.image_tokens if self.vlm else 0
         return render(
-            conversation, self.tokenizer, image_tokens=image_tokens, num_images=num_images, generation=True
-        ).input_ids
+            conversation, tokenizer or self.tokenizer, image_tokens=image_tokens, num_images=num_images,
+            generation=True,
+        ).input_ids  # fmt: skip
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -1,19 +1,25 @@
-"""Guards in front of the routes: the API key, the body cap (413), errors in OpenAI's shape, the bind warning.
+"""Guards in front of the routes: the API key, the body cap (413) and deadline (408), errors in OpenAI's
+shape, query strings kept out of the access log, the bind warning.
 
 Keys are compared in constant time (on their SHA-256, so not even the length leaks). A body over the
 cap is refused from its Content-Length, or, for a chunked body, as soon as the bytes read pass the cap,
-before the app sees it. Every error (validation, routing, a crash) is answered as
-`{"error": {"message", "type", "param", "code"}}`; a crash's traceback goes to the server log only, and
-validation messages name fields without echoing their values (which may be megabytes of base64).
+before the app sees it; a body that has not wholly arrived within the deadline (a client that declares
+more than it sends, or sends a byte now and then) is answered 408 and its connection closed. Every error
+(validation, routing, a crash) is answered as `{"error": {"message", "type", "param", "code"}}`; a
+crash's traceback goes to the server log only, and validation messages name fields without echoing
+their values (which may be megabytes of base64). The access log shows paths without their query strings
+(a key sent as `?api_key=...` is not written down).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
 import logging
 import re
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,42 +53,66 @@ def _unauthorized(message: str) -> APIError:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets a 413 before it is read further."""
+    """ASGI middleware: a request body over `max_bytes` gets a 413 before it is read further, and one not
+    wholly arrived `timeout_s` after the request's headers gets a 408; both close the connection."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
-        body, messages = 0, []
-        while True:  # read (at most max_bytes of) the body, then replay it to the app
-            message = await receive()
-            messages.append(message)
-            body += len(message.get("body", b""))
-            if body > self.max_bytes:
-                return await self._refuse(scope, receive, send)
-            if message["type"] != "http.request" or not message.get("more_body"):
+            return await self._refuse(scope, receive, send, 413)
+        deadline = time.monotonic() + self.timeout_s
+        size, chunks, last = 0, [], None
+        while True:  # read (at most max_bytes of) the body by the deadline, then replay it to the app
+            try:
+                last = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+                return await self._refuse(scope, receive, send, 408)
+            chunks.append(last.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send, 413)
+            if last["type"] != "http.request" or not last.get("more_body"):
                 break
-        joined = {
-            "type": "http.request",
-            "body": b"".join(m.get("body", b"") for m in messages),
-            "more_body": False,
-        }
-        pending = [joined] if messages[-1]["type"] == "http.request" else messages
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        if last["type"] != "http.request":
+            pending = [last]  # the client left: the app hears so
+        del chunks  # only the joined copy stays, until the app takes it
 
         async def replay():
             return pending.pop(0) if pending else await receive()
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send) -> None:
-        error = APIError(413, f"the request body is over this server's limit of {self.max_bytes} bytes "
-                         "(--max-body-mb)", code="request_too_large")  # fmt: skip
-        await JSONResponse(error.body(), 413, headers={"Connection": "close"})(scope, receive, send)
+    async def _refuse(self, scope, receive, send, status: int) -> None:
+        if status == 408:
+            error = APIError(408, f"the request body did not arrive within {self.timeout_s:g} s "
+                             "(--body-timeout)", code="request_timeout")  # fmt: skip
+        else:
+            error = APIError(413, f"the request body is over this server's limit of {self.max_bytes} bytes "
+                             "(--max-body-mb)", code="request_too_large")  # fmt: skip
+        await JSONResponse(error.body(), status, headers={"Connection": "close"})(scope, receive, send)
+
+
+class QueryRedactor(logging.Filter):
+    """Removes query strings from uvicorn's access log lines: keys sent in URLs are never written down."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[query removed]", *args[3:])
+        return True
+
+
+def redact_access_log() -> None:
+    """Install `QueryRedactor` on uvicorn's access logger (once)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QueryRedactor) for f in access.filters):
+        access.addFilter(QueryRedactor())
 
 
 # Why FastAPI could not parse a JSON body, by the exception behind its "error parsing the body".

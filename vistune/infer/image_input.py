@@ -11,7 +11,10 @@
 - Every other scheme (`file:`, `ftp:`, ...) is always refused.
 - Decoding: only the PNG, JPEG, WebP, GIF and BMP parsers of Pillow (no EPS/Ghostscript and the like);
   the pixel count is read from the header and checked before any pixel data is decoded (decompression
-  bombs); first frame, EXIF orientation, RGB.
+  bombs), and the decoded size reserved from the server's image memory (`vistune.infer.memory`); a PNG
+  must hold every row (the check `vistune data validate` makes: a truncated one is refused, never
+  padded with black); first frame, EXIF orientation, RGB, downscaled by a whole factor to what the
+  tower needs (JPEGs decoded at that scale).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from vistune.data.images import open_header, to_rgb  # the same header check and RGB as training data
+from vistune.data.images import ImageError, decode_opened, open_header
 from vistune.infer.api import APIError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -136,8 +139,17 @@ def _too_many_bytes(n: int, limit: int) -> str:
     )
 
 
-def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """RGB image from bytes: allowed formats only, pixel count checked from the header before decoding."""
+def decode_image(
+    data: bytes,
+    param: str,
+    max_pixels: int,
+    min_side: int | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> Image.Image:
+    """RGB image from bytes: allowed formats only, pixel count checked from the header before decoding.
+
+    `reserve(bytes)` is called with the decoded size (w x h x 3) before any pixel is decoded (it raises
+    to refuse); `min_side` downscales by a whole factor to no less than that on the shorter side."""
     fp = io.BytesIO(data)
     try:
         im = open_header(fp, formats=FORMATS)  # header only; Pillow's global limit untouched
@@ -150,15 +162,19 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
             400, f"the image declares {w}x{h} = {w * h} pixels, over this server's limit of {max_pixels} "
             "(--max-image-pixels); it was not decoded", param, "image_too_large",
         )  # fmt: skip
+    if reserve is not None:
+        try:
+            reserve(w * h * 3)
+        except APIError:
+            im.close()
+            raise
     try:
-        with im:
-            im.seek(0)  # animated GIF/PNG/WebP: the first frame
-            im.load()
-            return to_rgb(ImageOps.exif_transpose(im))
-    except Image.DecompressionBombError:  # Pillow's own check inside a decoder (GIF frames)
-        raise APIError(400, "the image holds too many pixels", param, "image_too_large") from None
-    except (OSError, SyntaxError, ValueError, EOFError):
-        raise APIError(400, "the image data is truncated or corrupt", param, "invalid_image") from None
+        return decode_opened(im, fp, param, min_side)
+    except ImageError as err:
+        if err.kind == "too-large image":  # Pillow's own check inside a decoder (GIF frames)
+            raise APIError(400, "the image holds too many pixels", param, "image_too_large") from None
+        message = f"the image data is truncated or corrupt ({err.detail})"
+        raise APIError(400, message, param, "invalid_image") from None
 
 
 class RemoteFetcher:

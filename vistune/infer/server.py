@@ -4,13 +4,19 @@ Routes: `POST /v1/chat/completions` (a JSON reply, or server-sent events in Open
 `stream: true`, ending with `data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` and
 the chat page at `/`. Requests that arrive together are batched (`vistune.infer.scheduler`).
 
-Safe by default: binds 127.0.0.1; with a key (`--api-key` or `VISTUNE_API_KEY`) every `/v1` route needs
-`Authorization: Bearer KEY` (compared in constant time); remote image URLs are refused unless
-`--allow-remote-images` (`vistune.infer.image_input`); the request body (413), bytes and pixels per
-image, images per request, `max_tokens` and prompt length are capped. Errors come in OpenAI's shape and
-never carry a traceback; logs hold ids, counts and times, never message text, images or keys
-(`vistune.infer.guards`). A client that disconnects cancels its request: dropped if still queued, its
-batch row ended at the next decoding step if running (`vistune.infer.decoding`).
+Safe by default: binds 127.0.0.1 (the port is bound before the model loads, so a port in use is said at
+once); with a key (`--api-key` or `VISTUNE_API_KEY`) every `/v1` route needs `Authorization: Bearer KEY`
+(compared in constant time); remote image URLs are refused unless `--allow-remote-images`
+(`vistune.infer.image_input`); the request body (413) and the time it may take to arrive (408), the
+messages and their characters, bytes, pixels and decoded memory per image, images per request, the
+memory of decoded images in flight, `max_tokens` and prompt length are capped. No request can stall
+the others: bodies are parsed, images decoded and prompts rendered in worker threads (a bounded number
+at a time) with the engine's own tokenizers, never under a lock the scheduler needs
+(`vistune.infer.engine`). Errors come in OpenAI's shape and never carry a traceback; logs hold ids,
+counts and times, never message text, images, keys or query strings (`vistune.infer.guards`). The
+model's id is its name (the model dir's name, or `--model-name`), never a path. A client that
+disconnects cancels its request: dropped if still queued, its batch row ended at the next decoding step
+if running (`vistune.infer.decoding`).
 """
 
 from __future__ import annotations
@@ -18,25 +24,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from vistune.infer.api import APIError, ChatRequest, chunk, completion, new_id, stop_strings, usage
+from vistune.infer.api import APIError, chunk, completion, new_id, usage
 from vistune.infer.decoding import Delta, Done, Event, Failed, Job
-from vistune.infer.engine import MB, Engine, ServeConfig
+from vistune.infer.engine import MB, Engine, Prepared, ServeConfig
 from vistune.infer.generate import Generator
-from vistune.infer.guards import BodyLimit, authorizer, exposure_warning, install_error_handlers
+from vistune.infer.guards import (
+    BodyLimit,
+    authorizer,
+    exposure_warning,
+    install_error_handlers,
+    redact_access_log,
+)
 from vistune.infer.scheduler import QueueFull
 
 log = logging.getLogger("vistune.serve")
@@ -57,8 +72,9 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     # No /docs: FastAPI's docs pages load their scripts from a CDN, and this server works offline.
     app = FastAPI(title="vistune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     install_error_handlers(app)
+    redact_access_log()
     html, page_headers = web_page()
 
     @app.get("/", include_in_schema=False)
@@ -90,36 +106,54 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
         return model_card
 
     @v1.post("/chat/completions")
-    async def chat(req: ChatRequest, request: Request) -> Response:
-        return await _chat(engine, limiter, req, request)
+    async def chat(request: Request) -> Response:
+        return await _chat(engine, limiter, request)
 
     app.include_router(v1)
     return app
 
 
-async def _chat(
-    engine: Engine, limiter: anyio.CapacityLimiter, req: ChatRequest, request: Request
-) -> Response:
-    """Check and prepare the request (in a thread), queue it, and answer whole or streamed."""
-    prepared = await anyio.to_thread.run_sync(engine.prepare, req, limiter=limiter)
-    events: asyncio.Queue = asyncio.Queue()
-    job = Job(
-        prepared.prompt, prepared.images, prepared.max_tokens, _emitter(events),
-        req.temperature, req.top_p, req.seed, stop_strings(req),
-    )  # fmt: skip
+async def _chat(engine: Engine, limiter: anyio.CapacityLimiter, request: Request) -> Response:
+    """Parse, check and prepare the request (in a worker thread), queue it, answer whole or streamed."""
+    body = b"".join([part async for part in request.stream()])  # not kept on the request
+    content_type = request.headers.get("content-type")
+    prepared = await anyio.to_thread.run_sync(engine.prepare_body, body, content_type, limiter=limiter)
+    del body
     try:
-        engine.scheduler.submit(job)
-    except QueueFull as err:
-        headers = {"Retry-After": str(err.retry_after)}
-        raise APIError(429, str(err), code="queue_full", headers=headers) from None
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(
+            prepared.prompt, prepared.images, prepared.max_tokens, _emitter(events),
+            prepared.temperature, prepared.top_p, prepared.seed, prepared.stop,
+        )  # fmt: skip
+        try:
+            engine.scheduler.submit(job)
+        except QueueFull as err:
+            headers = {"Retry-After": str(err.retry_after)}
+            raise APIError(429, str(err), code="queue_full", headers=headers) from None
+    except BaseException:
+        prepared.lease.release()
+        raise
     reply = _Reply(new_id(), engine.config.model_name, len(prepared.prompt), len(prepared.images))
-    if not req.stream:
-        return await _whole(events, job, reply, request)
-    usage_too = bool(req.stream_options and req.stream_options.include_usage)
+    if not prepared.stream:
+        return await _whole(events, job, reply, request, prepared)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(
-        _sse(events, job, reply, usage_too), media_type="text/event-stream", headers=headers
-    )
+    return _Stream(_sse(events, job, reply, prepared), job, prepared, headers)
+
+
+class _Stream(StreamingResponse):
+    """A streamed reply that frees its request however it ends, even before its first byte (a client
+    gone at once: Starlette then never starts the generator, whose `finally` would do it)."""
+
+    def __init__(self, content: AsyncIterator[str], job: Job, prepared: Prepared, headers: dict[str, str]):
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.job, self.prepared = job, prepared
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled.set()
+            self.prepared.lease.release()
 
 
 class _Reply:
@@ -153,8 +187,9 @@ def _data(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _sse(events: asyncio.Queue, job: Job, reply: _Reply, usage_too: bool) -> AsyncIterator[str]:
+async def _sse(events: asyncio.Queue, job: Job, reply: _Reply, prepared: Prepared) -> AsyncIterator[str]:
     """The streamed reply; Starlette cancels this generator when the client disconnects."""
+    usage_too = prepared.include_usage
     try:
         yield _data(chunk(reply.id, reply.model, {"role": "assistant", "content": ""}))
         while True:
@@ -174,9 +209,12 @@ async def _sse(events: asyncio.Queue, job: Job, reply: _Reply, usage_too: bool) 
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # a no-op once the row has finished; frees it when the client has gone
+        prepared.lease.release()
 
 
-async def _whole(events: asyncio.Queue, job: Job, reply: _Reply, request: Request) -> Response:
+async def _whole(
+    events: asyncio.Queue, job: Job, reply: _Reply, request: Request, prepared: Prepared
+) -> Response:
     """Wait for the whole reply, watching for the client going away meanwhile."""
 
     async def watch() -> None:
@@ -203,6 +241,7 @@ async def _whole(events: asyncio.Queue, job: Job, reply: _Reply, request: Reques
     finally:
         watcher.cancel()
         job.cancelled.set()
+        prepared.lease.release()
 
 
 def web_page() -> tuple[str, dict[str, str]]:
@@ -247,13 +286,21 @@ def _parser() -> argparse.ArgumentParser:
     add("--port", type=_port, default=8000, help="(default: 8000)")
     add("--api-key", default=os.environ.get("VISTUNE_API_KEY"),
         help="require Authorization: Bearer KEY on /v1 (default: $VISTUNE_API_KEY, else none)")  # fmt: skip
-    add("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    add("--model-name", "--served-model-name", dest="model_name",
+        help="the id clients send (default: the model dir's name; a run's OUT/model: the run's)")  # fmt: skip
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     add("--max-batch", type=int, default=16, help="requests generated together (default: 16)")
     add("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others (default: 10)")
     add("--max-queue", type=int, default=128, help="waiting requests before a 429 (default: 128)")
     add("--max-body-mb", type=float, default=32.0, help="request body cap, 413 above (default: 32)")
+    add("--body-timeout", type=float, default=30.0,
+        help="seconds a request body may take to arrive, 408 after (default: 30)")  # fmt: skip
+    add("--max-messages", type=int, default=512, help="messages per request (default: 512)")
+    add("--max-prompt-chars", type=int,
+        help="text characters per request, before tokenizing (default: 16 per prompt token)")  # fmt: skip
+    add("--max-image-memory-mb", type=float, default=512.0,
+        help="decoded images of requests in flight: 413 if one cannot fit, 429 (default: 512)")  # fmt: skip
     add("--max-image-mb", type=float, default=10.0, help="bytes per image (default: 10)")
     add("--max-image-pixels", type=int, default=25_000_000, help="decoded pixels per image (default: 25e6)")
     add("--max-images", type=int, default=8, help="images per request (default: 8)")
@@ -268,10 +315,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def served_name(model: str) -> str:
+    """The id a model is served as: a local dir's name (a training run's `OUT/model`: the run's name),
+    else MODEL as given (a hub id, `smollm2`); never a path of this machine."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    path = path.resolve()
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
-        model_name=args.served_model_name or args.model, api_key=args.api_key or None,
-        max_body_bytes=int(args.max_body_mb * MB), max_image_bytes=int(args.max_image_mb * MB),
+        model_name=args.model_name or served_name(args.model), api_key=args.api_key or None,
+        max_body_bytes=int(args.max_body_mb * MB), body_timeout_s=args.body_timeout,
+        max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
+        max_image_memory_bytes=int(args.max_image_memory_mb * MB),
+        max_image_bytes=int(args.max_image_mb * MB),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens, allow_remote_images=args.allow_remote_images,
         fetch_timeout_s=args.fetch_timeout, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
@@ -297,8 +357,33 @@ def main_serve(argv: list[str] | None = None) -> int:
         log.warning(warning)
     if args.threads:
         torch.set_num_threads(args.threads)
-    generator = load_generator(args.model, batch_size=config.max_batch, device=args.device)
-    log.info("serving %r (%s) on http://%s:%d", config.model_name,
-             "images and text" if generator.vlm else "text only", args.host, args.port)  # fmt: skip
-    uvicorn.run(create_app(generator, config), host=args.host, port=args.port, log_level=args.log_level)
+    sock = listen(args.host, args.port)  # before the model loads: a port in use is said at once
+    try:
+        generator = load_generator(args.model, batch_size=config.max_batch, device=args.device)
+        port = sock.getsockname()[1]
+        log.info("serving %r (%s) on http://%s:%d", config.model_name,
+                 "images and text" if generator.vlm else "text only", args.host, port)  # fmt: skip
+        settings = uvicorn.Config(create_app(generator, config), log_level=args.log_level)
+        redact_access_log()  # again: uvicorn's logging set-up came after the app's
+        uvicorn.Server(settings).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, as uvicorn binds it; a one-line ValueError naming the port if not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (socket.gaierror, UnicodeError):
+        sock.close()
+        raise ValueError(f"--host {host!r}: not an address of this machine") from None
+    except OSError as err:
+        sock.close()
+        why = "is already in use" if err.errno == errno.EADDRINUSE else f"cannot be bound ({err.strerror})"
+        raise ValueError(f"--port {port}: {host}:{port} {why}; choose another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
