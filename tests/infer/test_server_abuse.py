@@ -122,8 +122,10 @@ CORPUS = [
     Abuse("messages-with-escaped-role-keys",  # not counted in the raw bytes: counted once parsed
           lambda: json.dumps(_chat(_alternating(101))).replace('"role"', '"\\u0072ole"').encode(),
           400, "too_many_messages", ("101 messages",)),
-    Abuse("30-mb-text", lambda: _chat([{"role": "user", "content": "x" * 30_000_000}]), 400,
-          "context_length_exceeded", ("30000000 characters", "--max-prompt-chars")),
+    Abuse("30-mb-text", lambda: _chat([{"role": "user", "content": "x" * 30_000_000}]), 400,  # unparsed
+          "context_length_exceeded", ("bytes besides its images", "--max-prompt-chars")),
+    Abuse("text-just-over-the-cap", lambda: _chat([{"role": "user", "content": "z" * 9000}]), 400,
+          "context_length_exceeded", ("9000 characters", "over this server's limit of 8192")),
     Abuse("text-spread-over-parts", lambda: _chat([{"role": "user", "content": [
         {"type": "text", "text": "y" * 5000}] * 4}]), 400, "context_length_exceeded", ("20000 characters",)),
     Abuse("8-images-5000x5000", lambda: _chat([user("what?", *[_image(_header_png(5000, 5000))] * 8)]), 413,

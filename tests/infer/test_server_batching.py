@@ -17,6 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vistune.infer.engine import ServeConfig
 from vistune.infer.generate import load_generator
+from vistune.infer.scheduler import fits
 from vistune.model.vlm import save_vlm
 
 NAME = "tiny"
@@ -108,6 +109,27 @@ def test_requests_that_arrive_together_share_one_generate_call(gen, calls):
     assert texts == [r.choices[0].message.content for r in alone]  # seeded rows: the same in any batch
     assert texts != [r.choices[0].message.content for r in greedy]  # ... and they were sampled
     assert app.state.engine.scheduler.stats["largest_batch"] == 4
+
+
+def test_padding_may_be_at_most_half_a_batch():
+    assert fits([50, 60], 55) and fits([56] * 15, 60)
+    assert not fits([56] * 15, 260)  # eight images' worth of prompt: the next batch
+    assert fits([260], 56) and not fits([260, 56], 56)  # it may lead a batch with a short row or so
+
+
+def test_a_long_prompt_waits_for_a_batch_of_its_own(gen, calls):
+    """Eight images' worth of prompt does not join three short requests (it would pad them all)."""
+    short = [[user(f"What is {k}?", image_part(RED))] for k in range(3)]
+    images = [image_part(c, (20 + k, 16)) for k in range(4) for c in (RED, BLUE)]
+    long = [user("Compare them all, one by one. " * 10, *images)]
+    app, server = _server(gen, max_batch=8, max_wait_s=0.5)
+    with server as url, ThreadPoolExecutor(4) as pool:
+        client = _client(url)
+        replies = [pool.submit(_ask, client, m, max_tokens=2) for m in short]
+        time.sleep(0.1)  # the short ones first: the first of them leads the batch
+        replies.append(pool.submit(_ask, client, long, max_tokens=2))
+        assert all(r.result().choices[0].message.content is not None for r in replies)
+    assert calls["batches"] == [3, 1] and app.state.engine.scheduler.queued == 0
 
 
 def test_a_follow_up_turn_reuses_the_image_features(gen, calls):

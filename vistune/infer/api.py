@@ -7,9 +7,10 @@ image parts become one `<image>` placeholder each, in front of the message's tex
 layout, and vLLM's for templates that know no images), and an `<image>` typed in text stays text.
 Every error is an `APIError`, rendered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 
-`parse_request` reads a body (in a worker thread, not on the event loop): the number of messages is
-capped before the JSON is parsed (from the `"role"` keys in the raw bytes) and again after, so that a
-body of a million tiny messages is refused without building them.
+`parse_request` reads a body (in a worker thread, not on the event loop): the number of messages and the
+size of the text are capped before the JSON is parsed (from the `"role"` keys in the raw bytes, and from
+the bytes outside data URIs) and again exactly after, so that a body of a million tiny messages or of 30 MB
+of text is refused without building it.
 """
 
 from __future__ import annotations
@@ -142,8 +143,34 @@ def _too_many_messages(count: int, limit: int) -> APIError:
     )  # fmt: skip
 
 
-def parse_request(body: bytes, content_type: str | None, max_messages: int) -> ChatRequest:
-    """The request a body holds, checked field by field; APIError (400) naming what is wrong."""
+def _text_bytes(body: bytes, most: int = 64) -> int:
+    """Bytes of a raw body outside its first `most` data URIs (an upper bound on its text in JSON)."""
+    outside, start = len(body), 0
+    for _ in range(most):
+        start = body.find(b'"data:', start)
+        end = body.find(b'"', start + 1) if start >= 0 else -1
+        if end < 0:
+            break
+        outside -= end - start
+        start = end
+    return outside
+
+
+def _too_much_text(size: int, max_chars: int) -> APIError:
+    return APIError(
+        400, f"the body holds {size} bytes besides its images, more than {max_chars} characters of text "
+        "take (--max-prompt-chars)", "messages", "context_length_exceeded",
+    )  # fmt: skip
+
+
+def parse_request(
+    body: bytes, content_type: str | None, max_messages: int, max_chars: int | None = None
+) -> ChatRequest:
+    """The request a body holds, checked field by field; APIError (400) naming what is wrong.
+
+    Before the JSON is parsed: at most `max_messages` `"role"` keys, and, with `max_chars`, at most what
+    that many characters of text can take in JSON (12 bytes each, as escaped surrogate pairs) plus the
+    messages' own keys, outside data URIs."""
     from vistune.infer.guards import validation_error  # guards imports this module
 
     if not body:
@@ -152,6 +179,9 @@ def parse_request(body: bytes, content_type: str | None, max_messages: int) -> C
         raise validation_error([{"type": "model_attributes_type", "loc": ("body",), "msg": ""}])
     if body.count(b'"role"') > max_messages:  # counted before the JSON is parsed: an upper bound
         raise _too_many_messages(body.count(b'"role"'), max_messages)
+    if max_chars is not None and len(body) > (room := 12 * max_chars + 256 * max_messages + 65536):
+        if (size := _text_bytes(body)) > room:
+            raise _too_much_text(size, max_chars)
     try:
         payload = json.loads(body)
     except json.JSONDecodeError as err:

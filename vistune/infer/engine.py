@@ -1,7 +1,9 @@
 """From a request body to a queued job: limits, images, the prompt, and the token budget.
 
-`Engine.prepare_body` runs in a worker thread (a bounded number at a time), so neither parsing, nor
-images, nor rendering ever runs on the event loop or under a lock another request needs: the body is
+`Engine.prepare_body` runs in one of the engine's worker threads (`prepare_threads` of them, at a lower
+CPU priority than the scheduler's thread on Linux, so that heavy requests yield the CPU to generation),
+so neither parsing, nor images, nor rendering ever runs on the event loop or under a lock another
+request needs: the body is
 parsed with the message count capped before and after (`api.parse_request`), the text of the messages
 is capped in characters before anything is tokenized, each image reserves its decoded size from the
 image memory budget before it is decoded (`vistune.infer.memory`), and the prompt is rendered with a
@@ -14,9 +16,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import queue
+import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -44,6 +49,16 @@ from vistune.model.template import RenderError
 MB = 2**20
 CHARS_PER_TOKEN = 16  # the default text cap: characters per token of the prompt limit (text is ~4)
 UNBOUNDED_CHARS = 1_000_000  # ... and when the model states no context
+PREPARE_NICE = 5  # the worker threads' nice value: the scheduler's thread (0) gets the CPU first
+
+
+def _lower_priority() -> None:
+    """Run this worker thread at PREPARE_NICE (Linux sets nice values per thread; elsewhere: as is)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREPARE_NICE)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,7 @@ class Engine:
         self.cache = FeatureCache(config.feature_cache_bytes)
         self.prefixes = generator.prefix_cache(config.prefix_cache_bytes)
         self.tokenizers = TokenizerPool(generator.tokenizer, config.prepare_threads)
+        self.workers = ThreadPoolExecutor(config.prepare_threads, "vistune-prepare", _lower_priority)
         self.memory = ImageMemory(config.max_image_memory_bytes)
         self.scheduler = Scheduler(
             generator, self.cache, config.max_batch, config.max_wait_s, config.max_queue, threading.Lock(),
@@ -157,8 +173,8 @@ class Engine:
         return self.generator.vlm is not None
 
     def prepare_body(self, body: bytes, content_type: str | None) -> Prepared:
-        """Parse a request body (message count capped first) and prepare it; in a worker thread."""
-        return self.prepare(parse_request(body, content_type, self.config.max_messages))
+        """Parse a request body (message count and text size capped first) and prepare it; in a worker."""
+        return self.prepare(parse_request(body, content_type, self.config.max_messages, self.max_chars))
 
     def prepare(self, req: ChatRequest) -> Prepared:
         """Check the request against the limits, load its images, render its prompt (in a thread)."""

@@ -1,19 +1,22 @@
 """Batching for the server: requests that arrive together run as one batch through the Generator.
 
 One worker thread owns the model. It waits for a request, then up to `max_wait_s` (counted from that
-request's arrival) for more, up to `max_batch`, and runs them as one `Generator.generate_ids` call;
-requests that come while a batch runs wait for the next one (static batching: transformers' `generate`
-cannot take new rows mid-call). The queue of waiting requests is bounded: `submit` raises `QueueFull`
-with a retry hint when it is full (the server answers 429).
+request's arrival) for more, up to `max_batch`, and runs them as one `Generator.generate_ids` call; requests
+that come while a batch runs wait for the next one (static batching: transformers' `generate` cannot take
+new rows mid-call). Prompts are left-padded to the batch's longest, so a request joins a batch only while
+padding stays at most half of the batch's prompt tokens (`fits`): a very long prompt (a conversation with
+eight images) waits for the next batch, which it leads, instead of making every short row of this one pay
+for its length. The queue of waiting requests is bounded: `submit` raises `QueueFull` with a retry hint when
+it is full (the server answers 429).
 
 Inside a batch each row is its own request, decoded and sampled by `vistune.infer.decoding`.
 
-Image features (the tower's output) are cached by the SHA-256 of the image bytes in a `FeatureCache`,
-an LRU bounded in bytes, so a follow-up turn about the same image neither decodes nor encodes it again.
-The language model's keys and values of each answered conversation are kept in a `PrefixCache`
-(`vistune.infer.prefix`), so a request that extends a conversation about the same images computes only
-its new tokens; in a batch, the rows share one reused start (the least of left padding plus reusable
-prefix over the rows), so a row without a prefix limits the others to its padding.
+Image features (the tower's output) are cached by the SHA-256 of the image bytes in a `FeatureCache`, an LRU
+bounded in bytes, so a follow-up turn about the same image neither decodes nor encodes it again. The
+language model's keys and values of each answered conversation are kept in a `PrefixCache`
+(`vistune.infer.prefix`), so a request that extends a conversation about the same images computes only its
+new tokens; in a batch, the rows share one reused start (the least of left padding plus reusable prefix over
+the rows), so a row without a prefix limits the others to its padding.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import math
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 from PIL import Image
@@ -77,6 +80,13 @@ class FeatureCache:
         return len(self._items)
 
 
+def fits(lengths: list[int], length: int, padding_share: float = 0.5) -> bool:
+    """Whether a prompt of `length` may join a batch of prompts of `lengths` (left-padded to the longest):
+    the batch's padding stays at most `padding_share` of its prompt tokens."""
+    rows, total = len(lengths) + 1, sum(lengths) + length
+    return rows * max(length, *lengths) * (1 - padding_share) <= total
+
+
 class Scheduler:
     """The worker thread that batches jobs through a Generator."""
 
@@ -94,6 +104,7 @@ class Scheduler:
         self.prefixes = prefixes  # only this worker thread touches it
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
+        self._deferred: deque[Job] = deque()  # taken out for a batch they did not fit: first in the next
         self._thread: threading.Thread | None = None
         self.running = 0
         self.batch_seconds = 1.0  # moving average, for the 429 retry hint
@@ -106,6 +117,8 @@ class Scheduler:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running batch, fail the waiting jobs (503), and end the worker."""
+        while self._deferred:
+            self._deferred.popleft().emit(Failed(APIError(503, "the server is shutting down")))
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -122,13 +135,13 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._deferred)
 
     def submit(self, job: Job) -> None:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            waves = self._queue.qsize() / self.max_batch + 1
+            waves = self.queued / self.max_batch + 1
             raise QueueFull(max(1, math.ceil(waves * self.batch_seconds))) from None
 
     def _loop(self) -> None:
@@ -148,21 +161,30 @@ class Scheduler:
             self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - started)
 
     def _collect(self) -> list[Job] | None:
-        """The next batch: the first waiting job and whoever arrives within max_wait_s of it; None = stop."""
-        first = self._queue.get()
+        """The next batch: the first waiting job (one deferred from the last batch first) and whoever
+        arrives within max_wait_s of it and `fits`; the others wait for the next batch. None = stop."""
+        first = self._deferred.popleft() if self._deferred else self._queue.get()
         if first is None:
             return None
-        batch = [first]
+        batch, lengths, skipped = [first], [len(first.prompt)], []
         deadline = first.arrived + self.max_wait_s
         while len(batch) < self.max_batch:
-            try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
+            if self._deferred:
+                job = self._deferred.popleft()
+            else:
+                try:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
             if job is None:  # stop: run what we have, then end
                 self._queue.put(None)
                 break
-            batch.append(job)
+            if fits(lengths, len(job.prompt)):
+                batch.append(job)
+                lengths.append(len(job.prompt))
+            else:
+                skipped.append(job)
+        self._deferred.extendleft(reversed(skipped))  # in their order, before anything left deferred
         live = [job for job in batch if not job.cancelled.is_set()]
         self.stats["cancelled"] += len(batch) - len(live)
         return live

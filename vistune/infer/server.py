@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ctypes
 import errno
 import hashlib
 import json
@@ -37,7 +38,6 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
 
-import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
@@ -56,18 +56,19 @@ from vistune.infer.scheduler import QueueFull
 
 log = logging.getLogger("vistune.serve")
 DISCONNECT_POLL_S = 0.1
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters
 
 
 def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     """The ASGI app serving `generator` under `config`; its lifespan starts and stops the scheduler."""
     engine = Engine(generator, config)
-    limiter = anyio.CapacityLimiter(config.prepare_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.scheduler.start()
         yield
         engine.scheduler.stop()
+        engine.workers.shutdown(wait=False, cancel_futures=True)
 
     # No /docs: FastAPI's docs pages load their scripts from a CDN, and this server works offline.
     app = FastAPI(title="vistune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -107,18 +108,28 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat(request: Request) -> Response:
-        return await _chat(engine, limiter, request)
+        return await _chat(engine, request)
 
     app.include_router(v1)
     return app
 
 
-async def _chat(engine: Engine, limiter: anyio.CapacityLimiter, request: Request) -> Response:
-    """Parse, check and prepare the request (in a worker thread), queue it, answer whole or streamed."""
+async def _prepare(engine: Engine, request: Request) -> Prepared:
+    """The request parsed, checked and prepared in one of the engine's worker threads."""
     body = b"".join([part async for part in request.stream()])  # not kept on the request
     content_type = request.headers.get("content-type")
-    prepared = await anyio.to_thread.run_sync(engine.prepare_body, body, content_type, limiter=limiter)
+    work = asyncio.get_running_loop().run_in_executor(engine.workers, engine.prepare_body, body, content_type)
     del body
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:  # the server is stopping: what the worker prepares is given back
+        work.add_done_callback(lambda w: w.cancelled() or w.exception() or w.result().lease.release())
+        raise
+
+
+async def _chat(engine: Engine, request: Request) -> Response:
+    """Parse, check and prepare the request (in a worker thread), queue it, answer whole or streamed."""
+    prepared = await _prepare(engine, request)
     try:
         events: asyncio.Queue = asyncio.Queue()
         job = Job(
@@ -357,6 +368,7 @@ def main_serve(argv: list[str] | None = None) -> int:
         log.warning(warning)
     if args.threads:
         torch.set_num_threads(args.threads)
+    return_freed_memory()
     sock = listen(args.host, args.port)  # before the model loads: a port in use is said at once
     try:
         generator = load_generator(args.model, batch_size=config.max_batch, device=args.device)
@@ -369,6 +381,18 @@ def main_serve(argv: list[str] | None = None) -> int:
     finally:
         sock.close()
     return 0
+
+
+def return_freed_memory() -> None:
+    """glibc only: blocks of 4 MiB and more (decoded images, request bodies) are mapped and unmapped
+    rather than kept in the heap, and threads share at most 4 heaps, so that memory a finished request
+    frees goes back to the system and the server's memory levels off instead of creeping up."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 4 * MB)
+        libc.mallopt(M_ARENA_MAX, 4)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def listen(host: str, port: int) -> socket.socket:
