@@ -9,7 +9,8 @@ weights: the same work per request as the trained quickstart model.
 
 Starts `vistune serve MODEL` on a free loopback port with its default limits and runs `--normal` streaming
 clients for `--seconds` (each request a question about its own 640x480 JPEG, `max_tokens` 8): once alone
-(the unloaded run), then again while `--abusive` clients, a quarter of each kind, send without pause:
+(the unloaded run), then again while `--abusive` clients, a quarter of each kind (`--kinds` to choose),
+send without pause:
 
 - huge message lists: 4,001 alternating "hi" messages (a 75 KB body);
 - huge text: one 30 MB text message;
@@ -125,14 +126,13 @@ def abuser(kind: str, url: str, stop_at: float, seen: Counter, lock: threading.L
             seen[(kind, status)] += 1
 
 
-def abusers(url: str, stop_at: float, n: int, out: multiprocessing.Queue) -> None:
-    """`n` abusive clients, a quarter of each kind, in threads of this (separate) process; their answers
-    go to `out`. Apart from the normal clients, so that their Python work does not slow those down."""
+def abusers(url: str, stop_at: float, kinds: list[str], out: multiprocessing.Queue) -> None:
+    """One abusive client per entry of `kinds`, in threads of this (separate) process; their answers go
+    to `out`. Apart from the normal clients, so that their Python work does not slow those down."""
     seen: Counter = Counter()
     lock = threading.Lock()
     threads = [
-        threading.Thread(target=abuser, args=(KINDS[k % 4], url, stop_at, seen, lock), daemon=True)
-        for k in range(n)
+        threading.Thread(target=abuser, args=(kind, url, stop_at, seen, lock), daemon=True) for kind in kinds
     ]
     for t in threads:
         t.start()
@@ -166,7 +166,8 @@ def run(url: str, pid: int, args, abusive: int) -> dict:
             time.sleep(0.5)
 
     answers: multiprocessing.Queue = multiprocessing.Queue()
-    others = multiprocessing.Process(target=abusers, args=(url, time.time() + args.seconds, abusive, answers))
+    kinds = [args.kinds[k % len(args.kinds)] for k in range(abusive)]
+    others = multiprocessing.Process(target=abusers, args=(url, time.time() + args.seconds, kinds, answers))
     if abusive:
         others.start()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(args.normal)]
@@ -232,6 +233,7 @@ def main() -> None:
     p.add_argument("model", help="a vistune model dir to serve")
     p.add_argument("--normal", type=int, default=16)
     p.add_argument("--abusive", type=int, default=8)
+    p.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS), help="comma-separated")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--threads", type=int, help="torch threads of the server")
     p.add_argument("--rss-budget-mb", type=float, default=2048.0, help="the most the server may hold")

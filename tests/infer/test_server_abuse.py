@@ -33,7 +33,7 @@ from vistune.model.vlm import save_vlm
 NAME = "tiny"
 LIMITS = dict(
     max_body_bytes=40 * MB, body_timeout_s=1.0, max_messages=64, max_image_memory_bytes=64 * MB,
-    max_image_pixels=25_000_000, max_images=8,
+    max_image_pixels=25_000_000, max_images=8, refusal_delay_s=0.3,
 )  # fmt: skip
 
 
@@ -146,6 +146,15 @@ def test_an_abusive_request_is_answered_at_once(served, case):
     assert all(w in error["message"] for w in case.words), error["message"]
     assert "\n" not in error["message"] and seconds < case.seconds
     assert engine.memory.used == 0  # nothing left held
+
+
+def test_a_refusal_for_a_size_limit_is_answered_after_a_pause(served):
+    """A client that repeats an oversized request at once sends one per pause; other errors are at once."""
+    url, _ = served
+    status, _, body, seconds = _send(url, _chat(_alternating(200)))
+    assert status == 400 and body["error"]["code"] == "too_many_messages" and seconds >= 0.3
+    status, _, body, seconds = _send(url, _chat(_alternating(1), n=2))
+    assert status == 400 and body["error"]["param"] == "n" and seconds < 0.3
 
 
 def _raw_socket(url: str) -> socket.socket:

@@ -85,6 +85,9 @@ class ServeConfig:
     feature_cache_bytes: int = 256 * MB
     prefix_cache_bytes: int = 256 * MB  # conversations' keys and values, reused by follow-ups; 0: off
     prepare_threads: int = 4  # requests parsed, decoded and rendered at the same time
+    # A request refused for a size limit is answered after this pause: a client that repeats it at once
+    # sends one a second, and the pause costs the server nothing (0: answered at once).
+    refusal_delay_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_messages", "max_image_bytes", "max_image_pixels", "max_images",
@@ -96,11 +99,11 @@ class ServeConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"serve: {name} must be at least 1, got {getattr(self, name)}")
         if (
-            min(self.max_wait_s, self.feature_cache_bytes, self.prefix_cache_bytes) < 0
+            min(self.max_wait_s, self.feature_cache_bytes, self.prefix_cache_bytes, self.refusal_delay_s) < 0
             or min(self.fetch_timeout_s, self.body_timeout_s) <= 0
         ):
             raise ValueError(
-                "serve: max_wait_s, feature_cache_bytes and prefix_cache_bytes must be >= 0, "
+                "serve: max_wait_s, feature_cache_bytes, prefix_cache_bytes, refusal_delay_s must be >= 0, "
                 "fetch_timeout_s and body_timeout_s > 0"
             )
 

@@ -56,8 +56,9 @@ class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` gets a 413 before it is read further, and one not
     wholly arrived `timeout_s` after the request's headers gets a 408; both close the connection."""
 
-    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0, refusal_delay_s: float = 0.0):
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        self.refusal_delay_s = refusal_delay_s  # a 413 waits this long: a client repeating it is slowed
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -95,6 +96,7 @@ class BodyLimit:
         else:
             error = APIError(413, f"the request body is over this server's limit of {self.max_bytes} bytes "
                              "(--max-body-mb)", code="request_too_large")  # fmt: skip
+            await asyncio.sleep(self.refusal_delay_s)
         await JSONResponse(error.body(), status, headers={"Connection": "close"})(scope, receive, send)
 
 

@@ -73,7 +73,10 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     # No /docs: FastAPI's docs pages load their scripts from a CDN, and this server works offline.
     app = FastAPI(title="vistune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(
+        BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s,
+        refusal_delay_s=config.refusal_delay_s,
+    )  # fmt: skip
     install_error_handlers(app)
     redact_access_log()
     html, page_headers = web_page()
@@ -127,9 +130,19 @@ async def _prepare(engine: Engine, request: Request) -> Prepared:
         raise
 
 
+# Refusals for a size limit: answered after the config's refusal delay.
+SIZE_LIMITS = {"too_many_messages", "context_length_exceeded", "too_many_images", "image_too_large",
+               "request_too_large"}  # fmt: skip
+
+
 async def _chat(engine: Engine, request: Request) -> Response:
     """Parse, check and prepare the request (in a worker thread), queue it, answer whole or streamed."""
-    prepared = await _prepare(engine, request)
+    try:
+        prepared = await _prepare(engine, request)
+    except APIError as err:
+        if err.code in SIZE_LIMITS:  # a client repeating it at once sends one per delay; nothing is held
+            await asyncio.sleep(engine.config.refusal_delay_s)
+        raise
     try:
         events: asyncio.Queue = asyncio.Queue()
         job = Job(
@@ -307,6 +320,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-body-mb", type=float, default=32.0, help="request body cap, 413 above (default: 32)")
     add("--body-timeout", type=float, default=30.0,
         help="seconds a request body may take to arrive, 408 after (default: 30)")  # fmt: skip
+    add("--refusal-delay", type=float, default=1.0,
+        help="seconds before a refusal for a size limit is answered (default: 1; 0: at once)")  # fmt: skip
     add("--max-messages", type=int, default=512, help="messages per request (default: 512)")
     add("--max-prompt-chars", type=int,
         help="text characters per request, before tokenizing (default: 16 per prompt token)")  # fmt: skip
@@ -340,6 +355,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         model_name=args.model_name or served_name(args.model), api_key=args.api_key or None,
         max_body_bytes=int(args.max_body_mb * MB), body_timeout_s=args.body_timeout,
+        refusal_delay_s=args.refusal_delay,
         max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
         max_image_memory_bytes=int(args.max_image_memory_mb * MB),
         max_image_bytes=int(args.max_image_mb * MB),
