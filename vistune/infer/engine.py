@@ -99,12 +99,12 @@ class ServeConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"serve: {name} must be at least 1, got {getattr(self, name)}")
         if (
-            min(self.max_wait_s, self.feature_cache_bytes, self.prefix_cache_bytes, self.refusal_delay_s) < 0
+            min(self.max_wait_s, self.refusal_delay_s, self.feature_cache_bytes, self.prefix_cache_bytes) < 0
             or min(self.fetch_timeout_s, self.body_timeout_s) <= 0
         ):
             raise ValueError(
-                "serve: max_wait_s, feature_cache_bytes, prefix_cache_bytes, refusal_delay_s must be >= 0, "
-                "fetch_timeout_s and body_timeout_s > 0"
+                "serve: max_wait_s, refusal_delay_s, feature_cache_bytes and prefix_cache_bytes must be "
+                ">= 0, fetch_timeout_s and body_timeout_s > 0"
             )
 
 
@@ -125,16 +125,17 @@ class Prepared:
 
 
 class TokenizerPool:
-    """Copies of a tokenizer, one per preparing thread: rendering never waits for the scheduler's."""
+    """Copies of a tokenizer, one per worker thread: rendering never waits for the scheduler's tokenizer,
+    nor the scheduler for it (a fast tokenizer's encoding settings are shared state)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, n: int):
-        self._free: queue.Queue[PreTrainedTokenizerBase] = queue.Queue()
+        self._free: queue.SimpleQueue[PreTrainedTokenizerBase] = queue.SimpleQueue()
         for _ in range(n):
             self._free.put(copy.deepcopy(tokenizer))
 
     @contextmanager
     def borrow(self) -> Iterator[PreTrainedTokenizerBase]:
-        tokenizer = self._free.get()
+        tokenizer = self._free.get()  # never waits: no more borrowers than copies
         try:
             yield tokenizer
         finally:
