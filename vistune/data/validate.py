@@ -238,7 +238,7 @@ class RecordCheck:
         if isinstance(raw, dict) and "id" in raw:
             first = self._first.setdefault(record.id, index)
             if first != index:
-                detail = f"{record.where()}: field 'id': record #{first} has the same id; ids must be unique"
+                detail = f"field 'id': record #{first} has the same id; ids must be unique"
                 return record, [Problem("duplicate id", record.id, detail)]
         return record, []
 
@@ -252,9 +252,11 @@ class RecordCheck:
 
 
 def _refuse(problems: list[Problem], record: Record | None) -> DataError:
-    detail = "; ".join(f"{p.kind}: {p.detail}" for p in problems)
-    where = record.where() if record is not None else None
-    message = detail if where is None or detail.startswith(where) else f"{where}: {detail}"
+    """One DataError naming the file and record (a record that did not read: its reader's message)."""
+    if record is None:
+        message = "; ".join(p.detail for p in problems)
+    else:
+        message = f"{record.where()}: " + "; ".join(f"{p.kind}: {p.detail}" for p in problems)
     return DataError(message, kind=problems[0].kind, record=problems[0].record)
 
 
