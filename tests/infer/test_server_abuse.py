@@ -252,6 +252,22 @@ def test_the_image_memory_budget_bounds_what_requests_hold(served, monkeypatch):
     assert _send(url, _chat([user("what?", _flat_png(2500, 252))]))[0] == 200 and engine.memory.used == 0
 
 
+def test_large_images_are_decoded_in_full_by_one_request_at_a_time(served):
+    """A PNG over 4 MP is decoded in full: while another request does that, 429 at once; a JPEG, decoded
+    at a reduced scale, needs no slot."""
+    url, engine = served
+    engine.large_decodes.take("test")  # another request is decoding a large image
+    try:
+        status, headers, body, _ = _send(url, _chat([user("what?", _flat_png(2500, 253))]))
+        assert status == 429 and body["error"]["code"] == "decoder_busy" and headers["retry-after"] == "1"
+        jpeg = io.BytesIO()
+        Image.new("RGB", (2500, 2500), (20, 200, 20)).save(jpeg, "JPEG")
+        assert _send(url, _chat([user("what?", _image(jpeg.getvalue()))]))[0] == 200
+    finally:
+        engine.large_decodes.give()
+    assert _send(url, _chat([user("what?", _flat_png(2500, 253))]))[0] == 200 and engine.memory.used == 0
+
+
 def test_images_are_decoded_downscaled_to_what_the_tower_needs(served):
     _, engine = served
     from vistune.infer.api import ChatRequest

@@ -42,7 +42,7 @@ from vistune.infer.context import ContextError, context_length, token_budget
 from vistune.infer.decoding import ImageItem
 from vistune.infer.generate import Generator
 from vistune.infer.image_input import ImageLimits, decode_image, image_bytes
-from vistune.infer.memory import ImageMemory, Lease
+from vistune.infer.memory import LARGE_PIXELS, DecodeSlots, ImageMemory, Lease
 from vistune.infer.scheduler import FeatureCache, Scheduler
 from vistune.model.template import RenderError
 
@@ -75,6 +75,7 @@ class ServeConfig:
     max_image_pixels: int = 25_000_000
     max_images: int = 8
     max_image_memory_bytes: int = 512 * MB  # decoded images of the requests in flight
+    max_large_decodes: int = 1  # requests decoding images of more than LARGE_PIXELS in full at a time
     max_tokens: int = 1024
     max_prompt_tokens: int | None = None  # None: the model's context length
     allow_remote_images: bool = False
@@ -91,7 +92,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_messages", "max_image_bytes", "max_image_pixels", "max_images",
-                     "max_image_memory_bytes", "max_tokens", "max_batch", "max_queue",
+                     "max_image_memory_bytes", "max_large_decodes", "max_tokens", "max_batch", "max_queue",
                      "prepare_threads"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"serve: {name} must be at least 1, got {getattr(self, name)}")
@@ -157,6 +158,7 @@ class Engine:
         self.tokenizers = TokenizerPool(generator.tokenizer, config.prepare_threads)
         self.workers = ThreadPoolExecutor(config.prepare_threads, "vistune-prepare", _lower_priority)
         self.memory = ImageMemory(config.max_image_memory_bytes)
+        self.large_decodes = DecodeSlots(config.max_large_decodes)
         self.scheduler = Scheduler(
             generator, self.cache, config.max_batch, config.max_wait_s, config.max_queue, threading.Lock(),
             self.prefixes,
@@ -188,7 +190,7 @@ class Engine:
         self._check_image_count(refs)
         lease = self.memory.lease()
         try:
-            images = [self._image(ref, lease) for ref in refs]
+            images = self._images(refs, lease)
             try:
                 with self.tokenizers.borrow() as tokenizer:
                     prompt = self.generator.prompt_ids(turns, len(refs), tokenizer)
@@ -227,7 +229,16 @@ class Engine:
             message = f"{len(refs)} images in one request, over this server's limit of {limit} (--max-images)"
             raise APIError(400, message, refs[limit].param, "too_many_images")
 
-    def _image(self, ref: ImageRef, lease: Lease) -> ImageItem:
+    def _images(self, refs: list[ImageRef], lease: Lease) -> list[ImageItem]:
+        """The request's images, one after another; a decode slot, once taken, is kept until the last."""
+        slot: list[bool] = []
+        try:
+            return [self._image(ref, lease, slot) for ref in refs]
+        finally:
+            if slot:
+                self.large_decodes.give()
+
+    def _image(self, ref: ImageRef, lease: Lease, slot: list[bool]) -> ImageItem:
         data = image_bytes(ref.url, ref.param, self.limits)
         key = hashlib.sha256(data).hexdigest()
         features = self.cache.get(key)
@@ -235,7 +246,10 @@ class Engine:
             return ImageItem(key, features=features)
         reserved = {"n": 0}
 
-        def reserve(n: int) -> None:
+        def reserve(n: int, kind: str) -> None:
+            if n > 3 * LARGE_PIXELS and kind != "JPEG" and not slot:  # decoded in full: CPU-heavy
+                self.large_decodes.take(ref.param)
+                slot.append(True)
             lease.reserve(n, ref.param, "the image")
             reserved["n"] = n
 

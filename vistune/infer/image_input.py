@@ -144,12 +144,13 @@ def decode_image(
     param: str,
     max_pixels: int,
     min_side: int | None = None,
-    reserve: Callable[[int], None] | None = None,
+    reserve: Callable[[int, str], None] | None = None,
 ) -> Image.Image:
     """RGB image from bytes: allowed formats only, pixel count checked from the header before decoding.
 
-    `reserve(bytes)` is called with the decoded size (w x h x 3) before any pixel is decoded (it raises
-    to refuse); `min_side` downscales by a whole factor to no less than that on the shorter side."""
+    `reserve(bytes, format)` is called with the decoded size (w x h x 3) and the format before any pixel
+    is decoded (it raises to refuse); `min_side` downscales by a whole factor to no less than that on the
+    shorter side."""
     fp = io.BytesIO(data)
     try:
         im = open_header(fp, formats=FORMATS)  # header only; Pillow's global limit untouched
@@ -164,7 +165,7 @@ def decode_image(
         )  # fmt: skip
     if reserve is not None:
         try:
-            reserve(w * h * 3)
+            reserve(w * h * 3, im.format or "")
         except APIError:
             im.close()
             raise

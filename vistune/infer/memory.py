@@ -5,6 +5,10 @@ before any pixel is decoded); once decoded (and downscaled to what the tower nee
 what the image now holds, and the request gives all of it back when it ends. An image that could never
 fit is refused with 413; one that does not fit now, because other requests hold the budget, gets 429
 with `Retry-After` at once: a request never waits for memory while holding a worker that others need.
+
+`DecodeSlots` bounds the CPU that large images take: at most `n` requests at a time decode images of
+more than `LARGE_PIXELS` in full (every format but JPEG, which is decoded at a reduced scale); a request
+that finds every slot taken gets 429 with `Retry-After` at once, for the same reason.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 from vistune.infer.api import APIError
 
 MB = 2**20
+LARGE_PIXELS = 4_000_000  # an image above this, decoded in full, takes a decode slot
 
 
 class ImageMemory:
@@ -68,3 +73,20 @@ class Lease:
 
     def release(self) -> None:
         self.shrink(self.held)
+
+
+class DecodeSlots:
+    """At most `n` requests at a time decoding large images in full; `take` gives 429 when none is free."""
+
+    def __init__(self, n: int):
+        self._slots = threading.Semaphore(n)
+
+    def take(self, param: str) -> None:
+        if not self._slots.acquire(blocking=False):
+            raise APIError(
+                429, "the server is decoding other large images; retry in 1 s (--max-large-decodes)", param,
+                "decoder_busy", {"Retry-After": "1"},
+            )  # fmt: skip
+
+    def give(self) -> None:
+        self._slots.release()

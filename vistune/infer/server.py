@@ -130,9 +130,10 @@ async def _prepare(engine: Engine, request: Request) -> Prepared:
         raise
 
 
-# Refusals for a size limit: answered after the config's refusal delay.
+# Refusals for a size limit (and 429s for image memory or decoding, whose Retry-After is 1 s): answered
+# after the config's refusal delay.
 SIZE_LIMITS = {"too_many_messages", "context_length_exceeded", "too_many_images", "image_too_large",
-               "request_too_large"}  # fmt: skip
+               "request_too_large", "image_memory_busy", "decoder_busy"}  # fmt: skip
 
 
 async def _chat(engine: Engine, request: Request) -> Response:
@@ -325,6 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-messages", type=int, default=512, help="messages per request (default: 512)")
     add("--max-prompt-chars", type=int,
         help="text characters per request, before tokenizing (default: 16 per prompt token)")  # fmt: skip
+    add("--max-large-decodes", type=int, default=1,
+        help="requests decoding non-JPEG images over 4 MP at once; 429 beyond (default: 1)")  # fmt: skip
     add("--max-image-memory-mb", type=float, default=512.0,
         help="decoded images of requests in flight: 413 if one cannot fit, 429 (default: 512)")  # fmt: skip
     add("--max-image-mb", type=float, default=10.0, help="bytes per image (default: 10)")
@@ -357,7 +360,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_body_bytes=int(args.max_body_mb * MB), body_timeout_s=args.body_timeout,
         refusal_delay_s=args.refusal_delay,
         max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
-        max_image_memory_bytes=int(args.max_image_memory_mb * MB),
+        max_image_memory_bytes=int(args.max_image_memory_mb * MB), max_large_decodes=args.max_large_decodes,
         max_image_bytes=int(args.max_image_mb * MB),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens, allow_remote_images=args.allow_remote_images,
