@@ -96,8 +96,23 @@ class BodyLimit:
         else:
             error = APIError(413, f"the request body is over this server's limit of {self.max_bytes} bytes "
                              "(--max-body-mb)", code="request_too_large")  # fmt: skip
-            await asyncio.sleep(self.refusal_delay_s)
+            await self._drain(receive, self.refusal_delay_s)
         await JSONResponse(error.body(), status, headers={"Connection": "close"})(scope, receive, send)
+
+
+    @staticmethod
+    async def _drain(receive, seconds: float) -> None:
+        """The refusal's pause: what the client still sends is read and dropped meanwhile, so that the
+        connection closes with nothing unread (which would reset it before the client reads the 413)."""
+        deadline = time.monotonic() + seconds
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                message = await asyncio.wait_for(receive(), left)
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+        except asyncio.TimeoutError:
+            return
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
 
 class QueryRedactor(logging.Filter):
