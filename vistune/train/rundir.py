@@ -94,16 +94,19 @@ def _read_json(path: Path) -> Any:
 
 
 def check_resume(run_dir: Path, config: dict[str, Any] | None) -> None:
-    """Stop a `--resume` that has no run to continue, or whose config differs in a field that may not
-    change (named when the run's `config.json` is there, by the recorded SHA-256 when it is not)."""
+    """Stop a `--resume` into a dir that does not exist, or whose run's config cannot be checked or differs
+    in a field that may not change (named when the run's `config.json` is there, by the recorded SHA-256
+    when it is not). A dir that holds no run yet (a quickstart's data only) starts one."""
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: --resume, but there is no run here (no such directory); check --out")
-    if config is None:  # commands that record no config (their arguments are the config)
+    if config is None or not present_outputs(run_dir):  # no recorded config, or nothing to resume
         return
     saved, recorded = _read_json(run_dir / "config.json"), _read_json(run_dir / "run.json")
     if not isinstance(saved, dict) and not isinstance(recorded, dict):
-        what = "lost its config.json and run.json" if present_outputs(run_dir) else "holds no run to resume"
-        raise ValueError(f"{run_dir}: --resume, but the dir {what}; start a new run (without --resume)")
+        raise ValueError(
+            f"{run_dir}: --resume, but the run lost its config.json and run.json, so its config cannot be "
+            "checked; start a new run instead (--overwrite, without --resume)"
+        )
     if isinstance(saved, dict):
         changed = differences(saved, config)
         if changed:
