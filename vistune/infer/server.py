@@ -73,10 +73,8 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     # No /docs: FastAPI's docs pages load their scripts from a CDN, and this server works offline.
     app = FastAPI(title="vistune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(
-        BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s,
-        refusal_delay_s=config.refusal_delay_s,
-    )  # fmt: skip
+    limits = {"timeout_s": config.body_timeout_s, "refusal_delay_s": config.refusal_delay_s}
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, **limits)
     install_error_handlers(app)
     redact_access_log()
     html, page_headers = web_page()
