@@ -99,7 +99,6 @@ class BodyLimit:
             await self._drain(receive, self.refusal_delay_s)
         await JSONResponse(error.body(), status, headers={"Connection": "close"})(scope, receive, send)
 
-
     @staticmethod
     async def _drain(receive, seconds: float) -> None:
         """The refusal's pause: what the client still sends is read and dropped meanwhile, so that the
