@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "generate data, train, evaluate: the whole recipe",
     ),
     "data synth": ("vistune.shapes.synth:main_synth", "write the shapes-world dataset"),
+    "data digits": (
+        "vistune.data.digits:main_digits",
+        "write scikit-learn's handwritten digits as images, conversations and VQA",
+    ),
     "data validate": ("vistune.data.validate:main_validate", "check a dataset and report problems"),
     "data inspect": ("vistune.train.inspect:main_inspect", "show records token by token with their labels"),
     "train": ("vistune.train.run:main_train", "train a model through a config's stages"),

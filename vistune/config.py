@@ -92,12 +92,19 @@ class ProjectorConfig:
     name: str = "mlp2x_gelu"
     shuffle_factor: int = 2  # pixel_shuffle: merge f x f neighbouring tokens into one
     num_queries: int = 16  # resampler: learned queries
+    # Width of the sin-cos code of each token's grid row and column appended to its features before the
+    # projector (`vistune.model.positions`), so the LLM can tell where a thing is; 0: none.
+    position_codes: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("shuffle_factor", "num_queries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"projector.{name} must be at least 1, got {getattr(self, name)}")
+        if self.position_codes < 0 or self.position_codes % 4:
+            raise ValueError(
+                f"projector.position_codes must be 0 (none) or a multiple of 4, got {self.position_codes}"
+            )
 
 
 @dataclass
@@ -126,8 +133,9 @@ class LLMConfig:
 class ModelConfig:
     """The three parts of a vision-language model.
 
-    `from_pretrained`: a transformers LLaVA directory to start from instead; tower, projector and LLM
-    (weights and architecture) then come from it, and only `llm.chat_template` of the parts below applies.
+    `from_pretrained`: a trained model to start from instead: a vistune model dir (`OUT/model` of an
+    earlier run) or a transformers LLaVA directory; tower, projector and LLM (weights and architecture)
+    then come from it, and only `llm.chat_template` of the parts below applies.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -151,11 +159,17 @@ class Augment:
     brightness: float = 0.0  # brightness scaled by a factor in [1 - b, 1 + b]
     contrast: float = 0.0  # contrast scaled by a factor in [1 - c, 1 + c]
     noise: float = 0.0  # standard deviation of pixel noise, in 0..1 intensity units
+    # classify stages: each image shrunk by a factor in [1 - shrink, 1] and put at a random place on a
+    # canvas of the mean colour (what `pad` fills with): a tower that later sees several things in one
+    # image, each smaller than the whole, learns to read a thing at any size and place
+    shrink: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("flip", "grayscale", "blur"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.shrink <= 0.75:
+            raise ValueError(f"augment.shrink must be in [0, 0.75] (down to a quarter), got {self.shrink}")
         for name in ("brightness", "contrast", "noise"):
             if not 0 <= getattr(self, name) <= 0.5:
                 raise ValueError(f"augment.{name} must be in [0, 0.5], got {getattr(self, name)}")

@@ -95,3 +95,28 @@ def test_stages_whose_targets_augmentation_would_falsify_refuse_it():
     with pytest.raises(ValueError, match="augment is for scene and classify stages, not 'vlm'"):
         Stage(name="s", kind="vlm", augment={"flip": 0.5})
     assert Stage(name="s", kind="scene", augment={"flip": 0.5}).augment.flip == 0.5
+
+
+def test_shrink_keeps_the_image_whole_smaller_on_the_mean_colour():
+    pixels = torch.zeros(8, 3, 32, 32)
+    pixels[:, :, 8:24, 8:24] = 1.0  # a square in the middle; 0 is the mean colour after normalisation
+    torch.manual_seed(0)
+    out, _ = augment(pixels, Augment(shrink=0.5), MEAN, STD)
+    # no pixel leaves the frame: the square's mass shrinks by the square of a factor in [0.5, 1]
+    mass = (out > 0.5).float().sum(dim=(1, 2, 3)) / (pixels > 0.5).float().sum(dim=(1, 2, 3))
+    assert (mass > 0.2).all() and (mass < 1.05).all() and (mass < 0.9).any()
+    # the border stays the mean colour (0): the image moved and shrank, nothing was drawn around it
+    assert out[:, :, 0, :].abs().max() < 1e-6 and out[:, :, -1, :].abs().max() < 1e-6
+
+
+def test_shrink_draws_from_the_noise_seed_so_other_knobs_draw_as_before():
+    pixels = _pixels(n=6)
+    torch.manual_seed(5)
+    _, before = augment(pixels, Augment(flip=0.5, grayscale=0.5), MEAN, STD)
+    state_before = torch.get_rng_state()
+    torch.manual_seed(5)
+    _, after = augment(pixels, Augment(flip=0.5, grayscale=0.5, shrink=0.4), MEAN, STD)
+    assert torch.equal(before.flipped, after.flipped) and torch.equal(before.grey, after.grey)
+    assert torch.equal(torch.get_rng_state(), state_before)  # later batches draw as before too
+    with pytest.raises(ValueError, match="shrink"):
+        Augment(shrink=0.9)

@@ -345,3 +345,22 @@ def test_the_sample_grid_draws_answers_with_dollar_signs_as_text(tmp_path):
     rows = [{"id": "r$1", "images": ["a.png"], "prompt": "<image>\nCost?", "answer": "A: poster$$ x^2$",
              "references": ["$5"], "correct": False}]  # fmt: skip
     assert sample_grid(rows, tmp_path, tmp_path / "grid.png").is_file()  # matplotlib maths would raise
+
+
+def test_scores_by_any_field_the_records_carry(tmp_path):
+    records = [
+        _rec(f"q{i}", f"What color is shape {i}?", _image(tmp_path, f"{i}.png"), answer="red",
+             question_type="color", source=["digits", "photos"][i % 2], level=i % 3)
+        for i in range(6)
+    ]  # fmt: skip
+    pred = FakePredictor({f"shape {i}": "red" for i in (0, 2, 3)})
+    rows, m = run.evaluate(pred, records, "vqa", image_root=tmp_path, group_by=["source", "level"])
+    assert m["by_source"] == {"digits": {"accuracy": pytest.approx(2 / 3), "n": 3},
+                              "photos": {"accuracy": pytest.approx(1 / 3), "n": 3}}  # fmt: skip
+    assert m["by_level"]["0"] == {"accuracy": 1.0, "n": 2}  # values that are not strings, as JSON
+    assert rows[0]["meta"]["source"] == "digits"
+    out = tmp_path / "out"
+    run.run_eval(pred, records, "vqa", out, image_root=tmp_path, group_by=["source"])
+    assert "## By source" in (out / "report.md").read_text()
+    _, again = run.rescore(out / "predictions.jsonl", "vqa", group_by=["source"])  # kept in the rows
+    assert again["by_source"] == m["by_source"]

@@ -101,3 +101,46 @@ def test_missing_split_is_named(tmp_path):
         main_train_classifier(
             ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--tower", "clip"]
         )
+
+
+def test_without_val_a_share_of_train_is_held_out_and_resnet_sizes_are_flags(tmp_path):
+    _folder(tmp_path / "data", {"train": 10, "test": 2})
+    out = tmp_path / "ft"
+    args = ["--data", str(tmp_path / "data"), "--out", str(out), "--mode", "finetune", "--tower", "resnet",
+            "--resnet-depths", "1,1", "--resnet-widths", "8,16", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "8", "--val-share", "0.2", "--shrink", "0.3"]  # fmt: skip
+    assert main_train_classifier(args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["val"]["n"] == 6 and report["train_images"] == 24  # 2 of 10 per class held out
+    meta = json.loads((out / "vistune.json").read_text())
+    assert meta["vision"]["resnet_widths"] == [8, 16]
+
+
+def test_one_class_and_bad_sizes_are_refused(tmp_path):
+    (tmp_path / "data" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "test" / "cat").mkdir(parents=True)
+    shape_image("red", "circle", 24).save(tmp_path / "data" / "train" / "cat" / "a.png")
+    with pytest.raises(ValueError, match="1 class folder.*at least 2"):
+        main_train_classifier(
+            ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--tower", "clip"]
+        )
+    with pytest.raises(SystemExit):
+        main_train_classifier(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+                               "--resnet-depths", "2,x"])  # fmt: skip
+
+
+def test_a_classify_stage_trains_its_head_with_the_tower(one_stage, tmp_path):
+    """`train: [vision]` trains the tower and the stage's own head; `projector` is refused by name."""
+    from vistune.config import config_from_dict
+    from vistune.train.run import train
+
+    raw = one_stage(["vision"], kind="classify")
+    raw["out"] = str(tmp_path / "run")
+    train(config_from_dict(raw))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x and json.loads(x).get("loss") is not None]  # fmt: skip
+    assert losses and all(np.isfinite(losses))
+    raw = one_stage(["vision", "projector"], kind="classify")
+    raw["out"] = str(tmp_path / "run2")
+    with pytest.raises(ValueError, match=r"use train: \[vision\]"):
+        train(config_from_dict(raw))

@@ -100,7 +100,7 @@ def every_kind(world: dict, out: Path) -> dict:
     classify = {
         "name": "labels",
         "kind": "classify",
-        "train": ["vision", "projector"],
+        "train": ["vision"],
         "data": [{"path": "imagefolder/train"}],
         "batch_size": 4,
         "max_steps": 3,

@@ -71,7 +71,7 @@ def _steps_under(mode: HostReads, cfg: dict, steps: int = 2) -> None:
         (["lora"], "vlm", {}),
         (["vision", "projector", "llm"], "vlm", {}),  # the tower runs in the step
         (["vision"], "scene", {}),
-        (["vision", "projector"], "classify", {}),
+        (["vision"], "classify", {}),
         pytest.param(
             ["vision", "projector"],
             "contrastive",

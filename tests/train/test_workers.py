@@ -27,7 +27,7 @@ KINDS = {
     "vlm-cached": (["projector", "llm"], "vlm", {}),
     "vlm-packed": (["vision", "projector", "llm"], "vlm", {"pack": True}),
     "scene": (["vision"], "scene", {}),
-    "classify": (["vision", "projector"], "classify", {}),
+    "classify": (["vision"], "classify", {}),
     "contrastive": (["vision", "projector"], "contrastive", {}),
 }
 

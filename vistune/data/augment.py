@@ -1,11 +1,13 @@
 """Train-time augmentation of preprocessed image batches that keeps every target true.
 
 Photometric jitter (brightness, contrast, pixel noise) is kept small enough that no named colour turns
-into another; a horizontal flip and a grey-scale copy and a strong blur change what may be asked about an
-image, so they come back as masks (`Drawn`) that the objective uses: it mirrors whatever depends on left
-and right for the flipped images, drops the colour targets of the grey ones and the shape targets of the
-blurred ones. A tower that must tell shapes apart without colour, and colours apart without shape, learns
-features for each that do not lean on the other: what lets it read a colour-shape pair it never saw.
+into another; a shrink (the image made smaller and put anywhere on a canvas of the mean colour) keeps a
+class label true, but not targets tied to places, so only classify stages take it; a horizontal flip and
+a grey-scale copy and a strong blur change what may be asked about an image, so they come back as masks
+(`Drawn`) that the objective uses: it mirrors whatever depends on left and right for the flipped images,
+drops the colour targets of the grey ones and the shape targets of the blurred ones. A tower that must
+tell shapes apart without colour, and colours apart without shape, learns features for each that do not
+lean on the other: what lets it read a colour-shape pair it never saw.
 
 It runs on the stage's device, on the normalised pixels a tower's `preprocess` returns. The random draws
 come from torch's default CPU generator, which checkpoints save and restore, so a resumed run draws
@@ -56,6 +58,8 @@ def augment(
     flipped, grey, blurred = _draw(n, aug.flip), _draw(n, aug.grayscale), _draw(n, aug.blur)
     brightness, contrast = _uniform(n, aug.brightness), _uniform(n, aug.contrast)
     noise_seed = int(torch.randint(0, 2**31 - 1, ()))
+    if aug.shrink > 0:  # its draws come from the noise seed: other knobs' draws stay as they were
+        pixels = _shrink(pixels, aug.shrink, torch.Generator().manual_seed(noise_seed + 1))
     mean_t = torch.tensor(mean, dtype=pixels.dtype, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=pixels.dtype, device=device).view(1, 3, 1, 1)
     x = pixels * std_t + mean_t  # back to 0..1 RGB
@@ -71,6 +75,21 @@ def augment(
         x = x + aug.noise * torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
     drawn = Drawn(flipped=flipped.to(device), grey=grey.to(device), blurred=blurred.to(device))
     return (x.clamp(0, 1) - mean_t) / std_t, drawn
+
+
+def _shrink(pixels: torch.Tensor, shrink: float, generator: torch.Generator) -> torch.Tensor:
+    """Each normalised image scaled by a factor in [1 - shrink, 1] and moved to a random place where it
+    fits whole; the uncovered canvas is 0, the normalisation mean (the colour `pad` fills with)."""
+    n = pixels.shape[0]
+    scale = 1.0 - shrink * torch.rand(n, generator=generator)
+    shift = (1.0 - scale)[:, None] * (2.0 * torch.rand(n, 2, generator=generator) - 1.0)  # x, y in [-1, 1]
+    # grid_sample reads output point p at input point (p - shift) / scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
+    theta[:, :, 2] = -shift / scale[:, None]
+    theta = theta.to(pixels.device, pixels.dtype)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         "(always normalise; the default otherwise)",
     )
     p.add_argument("--no-meteor", action="store_true", help="caption: skip METEOR (Java, ~7 s start-up)")
+    p.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="also report the score by this field of the records (e.g. question_type, source); repeatable",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
@@ -173,7 +180,8 @@ def _main(a: argparse.Namespace) -> int:
 def _score_predictions(a, records, image_root, labels, scoring: str) -> dict:
     """--predictions: score, write predictions.jsonl, metrics.json and report.md into --out."""
     rows, metrics = rescore(
-        a.predictions, a.task, labels, not a.no_meteor, records=records, vqa_scoring=scoring, limit=a.limit
+        a.predictions, a.task, labels, not a.no_meteor, records=records, vqa_scoring=scoring, limit=a.limit,
+        group_by=a.group_by,
     )
     if records is None:
         image_root = image_root or _previous_metrics(a.predictions).get("image_root")
@@ -247,6 +255,7 @@ def _run_task(a, predictor: Predictor, records, image_root, labels, scoring: str
         "labels": labels,
         "meteor": not a.no_meteor,
         "vqa_scoring": scoring,
+        "group_by": a.group_by,
     }
     metrics = run_eval(predictor, records, a.task, a.out, image_root=image_root, info=info, **kwargs)
     if a.base:

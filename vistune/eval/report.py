@@ -257,13 +257,12 @@ def _draw_sample(ax, row: dict, image_root, image_loader) -> None:
 def _detail_tables(task: str, metrics: dict) -> list[str]:
     """Per-group tables: question and answer types (vqa, text), POPE settings, classes (classify)."""
     lines: list[str] = []
-    for key, title in (("by_question_type", "question type"), ("by_answer_type", "answer type")):
-        if key in metrics:
-            groups = metrics[key]
-            lines += ["", f"## By {title}", ""]
-            lines += _table(
-                ["type", "accuracy", "n"], [(g, v["accuracy"], v["n"]) for g, v in groups.items()]
-            )
+    for key in (k for k in metrics if k.startswith("by_")):  # question and answer types, --group-by fields
+        title = key[len("by_") :].replace("_", " ")
+        lines += ["", f"## By {title}", ""]
+        lines += _table(
+            [title, "accuracy", "n"], [(g, v["accuracy"], v["n"]) for g, v in metrics[key].items()]
+        )
     if task == "pope":
         keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "invalid", "n")
         settings = [k for k, v in metrics.items() if isinstance(v, dict) and "tp" in v]

@@ -20,7 +20,7 @@ from vistune.data.images import load_image
 from vistune.data.records import Record, Turn
 from vistune.eval import report
 from vistune.eval.paths import image_path
-from vistune.eval.tasks import get_task, make_row, score_rows
+from vistune.eval.tasks import add_groups, get_task, make_row, score_rows
 
 # A zero-shot classifier (from embeddings): (records, images per record, labels) -> one label each.
 Classifier = Callable[[Sequence[Record], list[list], Sequence[str]], list[str]]
@@ -73,6 +73,7 @@ def evaluate(
     image_loader: Callable[[str], object] | None = None,
     meteor: bool = True,
     vqa_scoring: str = "lenient",
+    group_by: Sequence[str] = (),
 ) -> tuple[list[dict], dict]:
     """Answer and score `records` on `task`; returns (rows, metrics).
 
@@ -88,6 +89,7 @@ def evaluate(
         image_loader: path -> PIL image (default `vistune.data.images.load_image`).
         meteor: caption task: also compute METEOR (Java).
         vqa_scoring: vqa task: "official" (the VQAv2 script's figure) or "lenient" (see `metrics`).
+        group_by: record fields to also report the score by (`metrics["by_FIELD"]`).
 
     Raises ValueError for no records or a repeated id (see `check_records`).
     """
@@ -102,7 +104,7 @@ def evaluate(
     loader = image_loader or load_image
     rows, pending = [], []
     for record in records:
-        row, turns = make_row(record, spec, labels)
+        row, turns = make_row(record, spec, labels, group_by)
         rows.append(row)
         if turns is not None:
             pending.append((row, turns, record))
@@ -114,6 +116,7 @@ def evaluate(
         _answer_batch(predictor, batch, image_root, loader, spec, max_new_tokens, labels, classifier)
     seconds = time.perf_counter() - start
     metrics = score_rows(task, rows, labels, meteor=meteor, vqa_scoring=vqa_scoring)
+    add_groups(metrics, rows, group_by)
     metrics["timing"] = {"seconds": seconds, "records_per_s": len(pending) / seconds if seconds else None}
     return rows, metrics
 
@@ -172,8 +175,9 @@ def rescore(
     records: Sequence[Record] | None = None,
     vqa_scoring: str = "lenient",
     limit: int | None = None,
+    group_by: Sequence[str] = (),
 ) -> tuple[list[dict], dict]:
-    """Score predictions without a model.
+    """Score predictions without a model (`group_by` as in `evaluate`).
 
     Without `records`, `predictions` is a vistune predictions.jsonl whose rows carry their references
     (e.g. after editing answers). With `records` (a benchmark file, loaded), the references come from
@@ -191,13 +195,15 @@ def rescore(
                 raise ValueError(
                     f"{predictions} id {row['id']!r}: row is for task {row['task']!r}, not {task!r}"
                 )
-        return rows, score_rows(task, rows, labels, meteor=meteor, vqa_scoring=vqa_scoring)
+        metrics = score_rows(task, rows, labels, meteor=meteor, vqa_scoring=vqa_scoring)
+        add_groups(metrics, rows, group_by)
+        return rows, metrics
     check_records(records)
     answers = report.read_answers(predictions)
     spec = get_task(task)
     rows = []
     for record in records:
-        row, turns = make_row(record, spec, labels)
+        row, turns = make_row(record, spec, labels, group_by)
         if turns is not None:  # a well-formed record: take its answer
             if record.id in answers:
                 row["answer"] = answers[record.id]
@@ -205,5 +211,6 @@ def rescore(
                 row["error"] = f"no prediction for id {record.id!r} in {predictions}"
         rows.append(row)
     metrics = score_rows(task, rows, labels, meteor=meteor, vqa_scoring=vqa_scoring)
+    add_groups(metrics, rows, group_by)
     metrics["unmatched_predictions"] = len(set(answers) - {r.id for r in records})
     return rows, metrics

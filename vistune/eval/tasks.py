@@ -259,14 +259,33 @@ def score_rows(
     return get_task(task).score(rows, labels)
 
 
+def add_groups(metrics: dict, rows: Sequence[dict], group_by: Sequence[str]) -> None:
+    """`metrics["by_FIELD"]`: the mean row score per value of each record field in `group_by` (rows
+    without the field count as "unknown"; a failed row scores 0). A field the task already groups by
+    keeps the task's table."""
+    for name in group_by:
+        key = f"by_{name}"
+        if key in metrics:
+            continue
+        values = [_group_label(row["meta"].get(name, "unknown")) for row in rows]
+        metrics[key] = M.mean_by_group([float(row["score"] or 0.0) for row in rows], values)
+
+
+def _group_label(value: object) -> str:
+    """A field's value as a group label: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def make_row(
-    record: Record, task: Task, labels: Sequence[str] | None = None
+    record: Record, task: Task, labels: Sequence[str] | None = None, group_by: Sequence[str] = ()
 ) -> tuple[dict, list[Turn] | None]:
     """A fresh row for `record` and its prompt; a malformed record gives a row with `error` set and
-    no prompt (it is scored as a failure, never dropped)."""
+    no prompt (it is scored as a failure, never dropped). The row's `meta` keeps META_KEYS and the
+    `group_by` fields of the record."""
+    keep = (*META_KEYS, *group_by)
     row = {
         "id": record.id, "task": task.name, "prompt": "", "answer": "", "references": [],
-        "images": list(record.images), "meta": {k: record.meta[k] for k in META_KEYS if k in record.meta},
+        "images": list(record.images), "meta": {k: record.meta[k] for k in keep if k in record.meta},
         "error": None, "correct": None, "score": None,
     }  # fmt: skip
     if LOAD_ERROR in record.meta:

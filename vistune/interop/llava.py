@@ -29,7 +29,7 @@ from transformers import (
     AutoModelForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessor,
+    LlavaImageProcessorPil,
     LlavaProcessor,
 )
 
@@ -138,15 +138,17 @@ def to_hf_llava(model: VLM) -> LlavaForConditionalGeneration:
     return hf.float().eval()
 
 
-def image_processor(vision: VisionTower) -> LlavaImageProcessor:
-    """transformers' LLaVA image processor set up to reproduce `vision.preprocess` exactly."""
+def image_processor(vision: VisionTower) -> LlavaImageProcessorPil:
+    """transformers' LLaVA image processor set up to reproduce `vision.preprocess` exactly: its Pillow
+    backend (the default backend needs torchvision, which cannot import beside the pinned CPU torch,
+    and warns on every import when it falls back)."""
     size, mode = vision.image_size, vision.config.preprocess
     common = dict(image_mean=list(vision.mean), image_std=list(vision.std), resample=3, do_convert_rgb=True)
     if mode == "squash":
-        return LlavaImageProcessor(
+        return LlavaImageProcessorPil(
             do_pad=False, size={"height": size, "width": size}, do_center_crop=False, **common
         )
-    return LlavaImageProcessor(
+    return LlavaImageProcessorPil(
         do_pad=mode == "pad",
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},

@@ -154,6 +154,11 @@ def build_projector(cfg: ProjectorConfig, ctx: ProjectorContext) -> nn.Module:
     load_extensions()
     if cfg.name not in PROJECTORS:
         raise ValueError(f"projector {cfg.name!r} is unknown; valid names: {sorted(PROJECTORS)}")
-    if cfg.name in BUILT_IN and cfg.options:
+    if cfg.name in BUILT_IN and set(cfg.options) - {"place_words"}:
         raise ValueError(f"projector {cfg.name!r} takes no options; got {sorted(cfg.options)}")
+    if cfg.name not in BUILT_IN and cfg.position_codes:
+        raise ValueError(
+            f"projector {cfg.name!r} reads the tower's own features; position_codes is for the built-in "
+            f"projectors {sorted(BUILT_IN)}"
+        )
     return PROJECTORS[cfg.name](cfg, ctx)

@@ -23,6 +23,7 @@ from transformers.utils.generic import is_flash_attention_requested
 
 from vistune.config import ModelConfig, config_from_dict
 from vistune.model.llm import build_llm, image_token_id, load_llm, load_tokenizer, pick_dtype
+from vistune.model.positions import GridPositions, PlaceWords
 from vistune.model.projector import ProjectorContext, build_projector
 from vistune.model.template import IGNORE
 from vistune.model.vision import VisionTower, build_vision_tower
@@ -47,16 +48,32 @@ class VLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         embeddings = llm.get_input_embeddings().weight
+        codes = cfg.projector.position_codes
+        # each token's place in the grid, appended to its features (none: an identity)
+        self.positions = GridPositions(vision.grid, codes, vision.num_tokens) if codes else nn.Identity()
         context = ProjectorContext(
-            vision.hidden_size, embeddings.shape[1], vision.grid, embeddings, tokenizer
+            vision.hidden_size + codes, embeddings.shape[1], vision.grid, embeddings, tokenizer
         )
         self.projector = build_projector(cfg.projector, context)
+        # experimental: place words on the output tokens (grid-keeping projectors)
+        self.place = (
+            PlaceWords(vision.grid, embeddings, tokenizer) if cfg.projector.options.get("place_words") else None
+        )
         self.image_token_id = image_token_id(tokenizer)
         self.image_tokens = self.projector.num_tokens(vision.num_tokens)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, image_tokens, D_llm) LLM-ready image embeddings."""
-        return self.projector(self.vision(pixel_values))
+        return self.project(self.vision(pixel_values))
+
+    def image_side_parameters(self) -> list[nn.Parameter]:
+        """Parameters between the projector and the LLM (a place-word gain), trained with the projector."""
+        return [] if self.place is None else list(self.place.parameters())
+
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """(B, N, D_vision) tower features -> (B, image_tokens, D_llm), with their places when coded."""
+        tokens = self.projector(self.positions(vision_features))
+        return tokens if self.place is None else self.place(tokens)
 
     def embed(
         self,
@@ -64,22 +81,26 @@ class VLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         checked: bool = False,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features scattered into the `<image>` positions.
 
         Pass `pixel_values` (B_img, 3, H, W), or `vision_features` (B_img, N, D_vision) already computed
-        by a frozen tower (a cache), for the images in the order their tokens appear. `checked` says the
-        caller has already checked the image-token count (training does, where it builds the batch).
+        by a frozen tower (a cache), or `image_embeds` (B_img, image_tokens, D_llm) already projected,
+        for the images in the order their tokens appear. `checked` says the caller has already checked
+        the image-token count (training does, where it builds the batch).
         """
         embeds = self.llm.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
-        if pixel_values is None and vision_features is None:
+        if image_embeds is None and (pixel_values is not None or vision_features is not None):
+            if vision_features is None:
+                vision_features = self.vision(pixel_values)
+            image_embeds = self.project(vision_features)
+        if image_embeds is None:
             if not checked:
                 check_image_tokens(mask, 0, 0)
             return embeds
-        if vision_features is None:
-            vision_features = self.vision(pixel_values)
-        features = self.projector(vision_features).to(embeds.dtype)
+        features = image_embeds.to(embeds.dtype)
         if not checked:
             check_image_tokens(mask, features.shape[0], features.shape[1])
         return embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
@@ -106,14 +127,16 @@ class VLM(nn.Module):
         vision_features: torch.Tensor | None = None,
         checked: bool = False,
         position_ids: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`loss_sum` with the targets of `answer_targets`, computed where the batch is built.
 
         `attention_mask` may be None for right-padded rows: under the causal mask no real token sees
         a pad, and only real tokens carry a loss. `checked`: as in `embed`. `position_ids` (B, L) that
         restart at 0 mark packed rows (several records per row, `collate_packed`); with no attention
-        mask transformers then keeps attention inside each record (`find_packed_sequence_indices`)."""
-        embeds = self.embed(input_ids, pixel_values, vision_features, checked)
+        mask transformers then keeps attention inside each record (`find_packed_sequence_indices`).
+        `image_embeds`: the images already projected (as in `embed`)."""
+        embeds = self.embed(input_ids, pixel_values, vision_features, checked, image_embeds)
         packed = {}
         if position_ids is not None:
             if is_flash_attention_requested(self.llm.config):
@@ -188,14 +211,20 @@ def save_vlm(model: VLM, out_dir: str | Path, state: dict[str, torch.Tensor] | N
         llm, llm_state = copy.deepcopy(llm).merge_and_unload(), None
     llm.save_pretrained(out / "llm", state_dict=llm_state, safe_serialization=True)
     model.tokenizer.save_pretrained(out / "llm")
-    weights = {k: v for k, v in state.items() if k.startswith(("vision.", "projector."))}
+    weights = {k: v for k, v in state.items() if k.startswith(("vision.", "projector.", "place."))}
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, out / WEIGHTS_FILE)
     meta = {"model": dataclasses.asdict(model.cfg), "vision_arch": model.vision.arch()}
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def load_vlm(model_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
-    """Load a model dir written by `save_vlm` (offline: the tower is rebuilt from its saved architecture)."""
+def is_model_dir(path: str | Path) -> bool:
+    """Whether `path` is a vistune model dir (written by `save_vlm`)."""
+    return (Path(path) / MODEL_FILE).is_file()
+
+
+def read_model_meta(model_dir: str | Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig of a vistune model dir (its LLM and tokenizer in `DIR/llm`, tower and projector
+    weights in the dir) and its saved tower architecture."""
     model_dir = Path(model_dir)
     meta_path = model_dir / MODEL_FILE
     if not meta_path.is_file():
@@ -209,11 +238,25 @@ def load_vlm(model_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
     cfg = config_from_dict({"model": _upgrade(model_meta)}).model
     cfg.vision.name_or_path, cfg.vision.weights = None, None  # weights come from this dir
     cfg.llm.name_or_path, cfg.llm.from_config = str(model_dir / "llm"), None
-    tokenizer = load_tokenizer(cfg.llm.name_or_path)
+    cfg.from_pretrained = None  # the model is here now
+    return cfg, vision_arch
+
+
+def load_vlm(
+    model_dir: str | Path, device: str | torch.device = "cpu", chat_template: str | None = None
+) -> VLM:
+    """Load a model dir written by `save_vlm` (offline: the tower is rebuilt from its saved architecture).
+
+    `chat_template` replaces the saved tokenizer's template (`chatml` or a Jinja string)."""
+    cfg, vision_arch = read_model_meta(model_dir)
+    cfg.llm.chat_template = chat_template or cfg.llm.chat_template
+    tokenizer = load_tokenizer(cfg.llm.name_or_path, chat_template)
     llm = load_llm(cfg.llm.name_or_path, tokenizer, pick_dtype(cfg.llm.dtype, device))
     model = VLM(cfg, build_vision_tower(cfg.vision, arch=vision_arch), llm, tokenizer)
-    state = load_file(model_dir / WEIGHTS_FILE)
-    for prefix, module in (("vision.", model.vision), ("projector.", model.projector)):
+    state = load_file(Path(model_dir) / WEIGHTS_FILE)
+    for prefix, module in (("vision.", model.vision), ("projector.", model.projector), ("place.", model.place)):
+        if module is None:
+            continue
         module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return model.to(device).eval()
 

@@ -113,6 +113,11 @@ class SceneObjective(nn.Module):
             raise ValueError(f"stage {stage.name!r}: `where` filters records; scene files have none")
         self.model, self.device, self.grid = model, ctx.device, model.vision.grid
         self.augment = stage.augment
+        if stage.augment.shrink:
+            raise ValueError(
+                f"stage {stage.name!r}: augment.shrink moves objects off their cells; a scene stage's "
+                "targets are tied to places (use it in classify stages)"
+            )
         model.vision.train()  # BatchNorm learns its statistics here
         dim = model.vision.hidden_size
         self.heads = nn.ModuleDict(
@@ -175,6 +180,9 @@ class SceneObjective(nn.Module):
         # Where the nearest object's centre lies: what positions ("left of", "above") are read from.
         error = (self.heads["offset"](feats) - offsets).abs() * near[..., None]
         return loss + OFFSET_WEIGHT * error.sum()
+
+    def health(self) -> tuple[dict[str, float], str | None]:
+        return {}, None
 
     def finish(self) -> None:
         """Hand the trained heads to a word projector, which starts its classifiers from them."""

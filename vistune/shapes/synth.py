@@ -31,12 +31,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from vistune.data.outdir import OutputKind, check_out, move_into_place, staging_dir
 from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.shapes import pope
 from vistune.shapes import questions as Q
 from vistune.shapes import style as St
 from vistune.shapes import wordings as W
-from vistune.shapes.outdir import check_out, move_into_place, staging_dir
 from vistune.shapes.scenes import (
     HELD_OUT,
     MAX_OBJECTS,
@@ -53,6 +53,12 @@ TASKS = ("captions", "detailed", "vqa", "conversations", "pope", "classify")
 VQA_PER_IMAGE = 3
 DEFAULT_SIZES = {"train": 8000, "val": 500, "test": 500, "compositional": 500, "shifted": 500}
 CHUNK = 250  # images per worker job
+OUTPUT = OutputKind(
+    "shapes-world dataset",
+    "vistune data synth",
+    frozenset({"manifest.json", "scenes", "images", "imagefolder", *SPLITS}),
+    lambda manifest: {"seed", "sizes", "counts", "held_out"} <= set(manifest),
+)
 
 
 def _llava(rid: str, image: str, pairs: Sequence[tuple[str, str]], **extra) -> dict:
@@ -246,7 +252,7 @@ def synthesize(
     """
     sizes = _check_arguments(sizes if sizes is not None else DEFAULT_SIZES, image_size, workers)
     out = Path(out).resolve()
-    replace = check_out(out)
+    replace = check_out(out, OUTPUT)
     tmp = staging_dir(out)
     try:
         manifest = _write_all(tmp, sizes, seed, image_size, workers, imagefolder)

@@ -12,6 +12,7 @@ tower on an ImageFolder the same way, and drops the head afterwards.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import time
@@ -67,6 +68,21 @@ class FolderData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def split(self, share: float) -> tuple[FolderData, FolderData]:
+        """(kept, held out): the last `share` of each class's images (at least one) held out."""
+        if not 0 < share < 1:
+            raise ValueError(f"the held-out share must be between 0 and 1, got {share}")
+        by_class: dict[str, list] = {}
+        for record in self.records:
+            by_class.setdefault(record.meta["label"], []).append(record)
+        held = [r for rs in by_class.values() if len(rs) > 1 for r in rs[-max(1, round(share * len(rs))) :]]
+        if not held:
+            raise ValueError(f"{self.root}: too few images to hold out a validation share; add a val/ folder")
+        ids = {id(r) for r in held}
+        kept, out = copy.copy(self), copy.copy(self)
+        kept.records, out.records = [r for r in self.records if id(r) not in ids], held
+        return kept, out
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         record = self.records[index]
         image = load_image(self.root / record.images[0])
@@ -78,13 +94,25 @@ def _spread(records: Any, limit: int) -> list:
     return [records[int(i)] for i in np.linspace(0, len(records) - 1, limit).round()]
 
 
-def _splits(data: Path, tower: VisionTower, limit: int | None) -> dict[str, FolderData]:
-    """The three splits, with classes taken from train/."""
-    missing = [s for s in SPLITS if not (data / s).is_dir()]
+def folder_classes(root: Path) -> list[str]:
+    """The class names of an ImageFolder (its sub-folders); at least two, or nothing can be learned."""
+    classes = load_records(root).classes
+    if len(classes) < 2:
+        raise ValueError(f"{root}: {len(classes)} class folder(s) {classes}; a classifier needs at least 2")
+    return classes
+
+
+def _splits(data: Path, tower: VisionTower, limit: int | None, val_share: float) -> dict[str, FolderData]:
+    """The three splits, with classes taken from train/. Without a val/ folder, `val_share` of every
+    class of train/ (the last images of each, in name order) is held out as val."""
+    missing = [s for s in ("train", "test") if not (data / s).is_dir()]
     if missing:
-        raise ValueError(f"{data}: missing split folder(s) {missing}; expected {list(SPLITS)}")
-    classes = load_records(data / "train").classes
-    return {s: FolderData(data / s, classes, pixel_fn(tower), limit) for s in SPLITS}
+        raise ValueError(f"{data}: missing split folder(s) {missing}; expected train/, test/ (and val/)")
+    classes = folder_classes(data / "train")
+    splits = {s: FolderData(data / s, classes, pixel_fn(tower), limit) for s in SPLITS if (data / s).is_dir()}
+    if "val" not in splits:
+        splits["train"], splits["val"] = splits["train"].split(val_share)
+    return splits
 
 
 def _loader(ds: FolderData, batch_size: int) -> torch.utils.data.DataLoader:
@@ -157,10 +185,8 @@ class ClassifierObjective(nn.Module):
         return {"images": len(self.data), "skipped_bad": self.data.skipped, "classes": self.data.classes}
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "vision": list(self.model.tower.parameters()),
-            "projector": list(self.model.head.parameters()),
-        }
+        """`vision`: the tower, and the head that scores it (new, dropped afterwards: it always learns)."""
+        return {"vision": [*self.model.tower.parameters(), *self.model.head.parameters()]}
 
     def batcher(self) -> Batcher:
         return functools.partial(folder_batch, self.data)
@@ -181,18 +207,26 @@ class ClassifierObjective(nn.Module):
             pixels, _ = augment(pixels, self.augment, tower.mean, tower.std)  # a class holds in any view
         return F.cross_entropy(self.model(pixels), batch["labels"], reduction="sum")
 
+    def health(self) -> tuple[dict[str, float], str | None]:
+        return {}, None
+
     def finish(self) -> None:
         """Nothing to hand on: the tower keeps what it learned, the head is dropped with the objective."""
 
 
 def classify_stage(stage: Stage, model: VLM, ctx: StageContext) -> ClassifierObjective:
     """A run's `classify` stage: the VLM's tower with a new linear head on one ImageFolder."""
+    if "projector" in stage.train:  # before, the head was the stage's `projector`
+        raise ValueError(
+            f"stage {stage.name!r}: a classify stage trains the tower with a head of its own, which "
+            "always learns with it; the model's projector takes no part: use train: [vision]"
+        )
     if len(stage.data) != 1 or not Path(stage.data[0].path).is_dir():
         raise ValueError(
             f"stage {stage.name!r}: a classify stage reads one ImageFolder directory as its data"
         )
     root = Path(stage.data[0].path)
-    classes = load_records(root).classes
+    classes = folder_classes(root)
     data = FolderData(root, classes, pixel_fn(model.vision), stage.data[0].limit, stage.on_bad_record)
     return ClassifierObjective(
         Classifier(model.vision, len(classes)), data, ctx.device, holds=model, augment=stage.augment
@@ -203,9 +237,11 @@ def _tower(args: argparse.Namespace) -> VisionTower:
     """The tower to probe or fine-tune: from a contrastive model directory, or built from the flags."""
     if args.contrastive:
         return load_contrastive(args.contrastive).vision
+    sizes = {"resnet_depths": args.resnet_depths, "resnet_widths": args.resnet_widths}
     cfg = VisionConfig(
         kind=args.tower, name_or_path=args.vision, weights=args.vision_weights,
         image_size=args.image_size, preprocess=args.preprocess,
+        **{k: v for k, v in sizes.items() if v is not None},
     )  # fmt: skip
     return build_vision_tower(cfg)
 
@@ -216,31 +252,46 @@ def _fine_tune(
     """Train tower + head through the training loop (run dir OUT); predictions for val and test."""
     model = Classifier(tower, len(splits["train"].classes))
     stage = Stage(
-        name="finetune", kind="classify", train=["vision", "projector"], lr=args.lr, epochs=args.epochs,
+        name="finetune", kind="classify", train=["vision"], lr=args.lr, epochs=args.epochs,
         batch_size=args.batch_size, weight_decay=0.01, warmup_ratio=0.05,
     )  # fmt: skip
     run = open_run(Path(args.out), args.seed, 200, 1, resume=args.resume, overwrite=args.overwrite)
-    build = lambda s: ClassifierObjective(model, splits["train"], run.accelerator.device)  # noqa: E731
+    augment = Augment(shrink=args.shrink)
+    build = lambda s: ClassifierObjective(model, splits["train"], run.accelerator.device, augment=augment)  # noqa: E731
     run_stages([stage], model, build, run, resume=args.resume)
     run.log.close()
     return model, {s: predict(model, splits[s], args.batch_size) for s in ("val", "test")}
 
 
+def _ints(text: str) -> list[int]:
+    """'2,2,2' -> [2, 2, 2] (argparse type)."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vistune classifier", description="Supervised image classification.")
-    p.add_argument("--data", required=True, help="folder with train/, val/, test/ ImageFolder splits")
+    p.add_argument("--data", required=True, help="folder with train/, test/ and optionally val/ ImageFolders")
     p.add_argument("--out", required=True, help="output folder (metrics.json, confusion.png, weights)")
     p.add_argument("--mode", choices=MODES, default="probe")
     p.add_argument("--tower", choices=VISION_KINDS, default="resnet", help="vision tower kind")
     p.add_argument("--vision", help="pretrained tower: hub id or local directory")
     p.add_argument("--vision-weights", help="safetensors state dict of the tower, saved by vistune")
     p.add_argument("--contrastive", help="use the vision tower of this contrastive model directory")
+    p.add_argument("--resnet-depths", type=_ints, help="from-scratch ResNet: blocks per stage, e.g. 2,2,2")
+    p.add_argument("--resnet-widths", type=_ints, help="from-scratch ResNet: channels per stage")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--preprocess", choices=PREPROCESS, default="pad", help="how images are made square")
     p.add_argument("--epochs", type=float, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--limit", type=int, help="use at most N images per split (spread over classes)")
+    p.add_argument("--val-share", type=float, default=0.1,
+                   help="without a val/ folder: the share of each train/ class held out")  # fmt: skip
+    p.add_argument("--shrink", type=float, default=0.0,
+                   help="finetune: images shrunk by up to this share, anywhere (augment.shrink)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="finetune: continue from the last checkpoint in OUT")
     p.add_argument("--overwrite", action="store_true", help="finetune: replace a previous run in OUT")
@@ -254,7 +305,7 @@ def main_train_classifier(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tower = _tower(args)
-    splits = _splits(Path(args.data), tower, args.limit)
+    splits = _splits(Path(args.data), tower, args.limit, args.val_share)
     classes = splits["train"].classes
     start = time.perf_counter()
     if args.mode == "probe":

@@ -136,6 +136,9 @@ class ContrastiveObjective(nn.Module):
         chunks = [items[i : i + self.chunk] for i in range(0, len(items), self.chunk)]
         return torch.cat([checkpoint(embed, c, use_reentrant=False) for c in chunks])
 
+    def health(self) -> tuple[dict[str, float], str | None]:
+        return {}, None
+
     def finish(self) -> None:
         self.model.text_cache = None
         if self.save_to is not None:

@@ -13,12 +13,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vistune.config import ModelConfig, load_config
-from vistune.interop.llava import model_config_from_llava
 from vistune.model.llm import image_token_id, load_tokenizer
 from vistune.model.projector import ProjectorContext, build_projector
 from vistune.model.template import IGNORE
 from vistune.model.vision import build_vision_tower
 from vistune.train.conversations import ConversationData, Sample
+from vistune.train.start import start_config
 
 
 def format_sample(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -53,10 +53,7 @@ def main_inspect(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    model_cfg, arch = cfg.model, None
-    if cfg.model.from_pretrained:  # the parts come from a transformers LLaVA directory
-        model_cfg, arch = model_config_from_llava(cfg.model.from_pretrained)
-        model_cfg.llm.chat_template = cfg.model.llm.chat_template
+    model_cfg, arch = start_config(cfg.model)  # the parts may come from a trained model
     tokenizer = load_tokenizer(model_cfg.llm.name_or_path, model_cfg.llm.chat_template)
     image_tokens = _image_tokens(model_cfg, arch, tokenizer)
     for stage in cfg.stages:

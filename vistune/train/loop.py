@@ -181,6 +181,8 @@ def fit(
         range(start, steps), desc=f"stage {index} {stage.name}", disable=not accelerator.is_main_process
     )
     pending: list[StepRecord] = []
+    # the rate shown and logged: the stage's own (`lr`), not the tower's, when both learn
+    shown = next((i for i, g in enumerate(groups) if not g["vision"]), 0)
     last = time.perf_counter()
     # closing: a run stopped mid-stage (an exception) shuts the DataLoader's workers down at once
     with closing(host_steps(objective, accelerator, stage, run.seed + index, start, steps)) as source:
@@ -189,12 +191,12 @@ def fit(
             loss, count, finite = train_step(wrapped, objective, prepared, accelerator, stage, batches)
             scheduler.step()
             now = time.perf_counter()
-            pending.append(StepRecord(step, loss, count, finite, scheduler.get_last_lr()[0], now - last))
+            pending.append(StepRecord(step, loss, count, finite, scheduler.get_last_lr()[shown], now - last))
             last = now
             done = step + 1 == steps
             saving = done or (step + 1) % run.save_every == 0
             if saving or (step + 1) % run.log_every == 0:
-                flush(run, stage, pending, bar)
+                flush(run, stage, pending, bar, objective)
             if done:
                 objective.finish()  # e.g. merge LoRA adapters before the end-of-stage checkpoint
                 save(run, ckpt.gather_state(keep), index, step + 1, complete=True)
@@ -302,14 +304,18 @@ class StepRecord:
     seconds: float
 
 
-def flush(run: Run, stage: Stage, pending: list[StepRecord], bar: tqdm) -> None:
-    """Read the pending steps back in one transfer and log them; `MAX_BAD_STEPS` non-finite steps in
-    a row stop the run, naming the last of them."""
+def flush(run: Run, stage: Stage, pending: list[StepRecord], bar: tqdm, objective: Objective) -> None:
+    """Read the pending steps back in one transfer and log them, with the objective's health figures
+    on the last; `MAX_BAD_STEPS` non-finite steps in a row stop the run, naming the last of them."""
     if not pending:
         return
     values = torch.stack([torch.stack([r.loss.float(), r.count.float(), r.finite.float()]) for r in pending])
-    for record, (loss, count, finite) in zip(pending, values.tolist(), strict=True):
-        run.log.step(record.step, loss, int(count), record.lr, bool(finite), bar, record.seconds)
+    figures, warning = objective.health()
+    if warning and run.accelerator.is_main_process:
+        tqdm.write(f"stage {stage.name!r}: warning: {warning}")
+    for i, (record, (loss, count, finite)) in enumerate(zip(pending, values.tolist(), strict=True)):
+        extra = figures if i == len(pending) - 1 else {}
+        run.log.step(record.step, loss, int(count), record.lr, bool(finite), bar, record.seconds, extra)
         if run.log.bad_in_row >= MAX_BAD_STEPS:
             raise RuntimeError(
                 f"stage {stage.name!r}: loss or gradients not finite for {run.log.bad_in_row} steps in a row "

@@ -93,6 +93,11 @@ class Objective(Protocol):
         """The loss of a micro-batch summed over its targets (nn.Module.forward)."""
         ...
 
+    def health(self) -> tuple[dict[str, float], str | None]:
+        """Figures about the model's state since the last call (read back from the device: the loop
+        asks at log steps only) for the log, and a warning to show once, or None."""
+        ...
+
     def finish(self) -> None:
         """Once at the stage's end, before its last checkpoint (merge adapters, hand heads on, ...)."""
         ...

@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 from vistune.config import Config, load_config
-from vistune.interop.llava import load_llava
-from vistune.model.vlm import build_vlm, save_vlm
+from vistune.model.vlm import save_vlm
 from vistune.train.checkpoint import gather_state
 from vistune.train.kinds import build_objective, check_kinds
 from vistune.train.loop import open_run, run_stages
+from vistune.train.start import start_model
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
@@ -34,11 +34,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
             )
     out, config = Path(cfg.out), cfg.to_dict()
     run = open_run(out, cfg.seed, cfg.save_every, cfg.keep_last, resume, overwrite, config, cfg.log_every)
-    model = (
-        load_llava(cfg.model.from_pretrained, cfg.model.llm.chat_template)
-        if cfg.model.from_pretrained
-        else build_vlm(cfg.model)
-    )
+    model = start_model(cfg.model)
     context = run.context()
     run_stages(cfg.stages, model, lambda stage: build_objective(stage, model, context), run, resume)
     state = gather_state(model).model  # full weights on the main process, however they are sharded

@@ -42,10 +42,19 @@ class RunLog:
         self._last = time.perf_counter()
 
     def step(
-        self, step: int, loss: float, count: int, lr: float, ok: bool, bar: Any, seconds: float | None = None
+        self,
+        step: int,
+        loss: float,
+        count: int,
+        lr: float,
+        ok: bool,
+        bar: Any,
+        seconds: float | None = None,
+        extra: dict[str, float] | None = None,
     ) -> None:
-        """Record one optimizer step (`seconds` it took: by default, the time since the last record);
-        non-finite steps are counted, not plotted."""
+        """Record one optimizer step (`seconds` it took: by default, the time since the last record;
+        `extra`: more figures for its line, such as an objective's health); non-finite steps are
+        counted, not plotted."""
         now = time.perf_counter()
         seconds, self._last = (now - self._last if seconds is None else seconds), now
         self.bad_steps += not ok
@@ -53,11 +62,13 @@ class RunLog:
         self.last_loss = loss if ok else self.last_loss
         row = {"stage": self.stage_name, "step": step, "loss": loss if ok else None, "targets": count,
                "lr": lr, "seconds": round(seconds, 4), "skipped_nonfinite": self.bad_steps}  # fmt: skip
-        self._write(row)
+        self._write(row | (extra or {}))
         if self.active and ok:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             self._tb.add_scalar(f"{self.stage_name}/loss", loss, step)
             self._tb.add_scalar(f"{self.stage_name}/lr", lr, step)
+            for name, value in (extra or {}).items():
+                self._tb.add_scalar(f"{self.stage_name}/{name}", value, step)
 
     def plot(self, png: Path) -> None:
         """Loss per stage against step, one panel per stage (matplotlib's object API: no global backend)."""

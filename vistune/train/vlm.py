@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from vistune.config import Stage
 from vistune.data.images import load_image
 from vistune.model.vlm import VLM, answer_targets, check_image_tokens
 from vistune.train.conversations import ConversationData, collate, collate_packed
+from vistune.train.drift import TokenDrift
 from vistune.train.objective import StageContext, move_to, pixel_fn
 
 FEATURE_CACHE_GB = 4.0  # the largest feature cache kept when a stage does not say
@@ -130,11 +132,12 @@ class VLMObjective(nn.Module):
                 activation_checkpointing_kwargs={"use_reentrant": False}
             )
         self.frozen = "vision" not in stage.train
-        model.vision.train(not self.frozen)
+        model.vision.train(not self.frozen and not os.environ.get("EXP_FROZEN_BN"))  # EXPERIMENT
         self.cache = self.frozen and (
             stage.cache_features if stage.cache_features is not None else self._cache_gb() <= FEATURE_CACHE_GB
         )
         self._features: dict[str, torch.Tensor] = {}  # image path -> (N, D) features on the device
+        self.drift = TokenDrift(model.llm.get_input_embeddings().weight, not self.frozen)
         self._batcher = ConversationBatcher(
             self.data,
             model.tokenizer.pad_token_id,
@@ -165,7 +168,7 @@ class VLMObjective(nn.Module):
         llm = self.model.llm
         return {
             "vision": list(self.model.vision.parameters()),
-            "projector": list(self.model.projector.parameters()),
+            "projector": [*self.model.projector.parameters(), *self.model.image_side_parameters()],
             "llm": list(llm.parameters()),
             "lora": [p for n, p in llm.named_parameters() if "lora_" in n]
             if isinstance(llm, PeftModel)
@@ -204,20 +207,27 @@ class VLMObjective(nn.Module):
         return batch["answer_ids"].numel()  # a size, known on the host
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        batch = dict(batch)
+        batch, features = dict(batch), None
         if "image_keys" in batch:
-            batch["vision_features"] = self._cached_features(batch.pop("image_keys"), batch.pop("new_images"))
-        elif self.frozen and "pixel_values" in batch:
-            with torch.no_grad():
-                batch["vision_features"] = self.model.vision(batch.pop("pixel_values"))
+            features = self._cached_features(batch.pop("image_keys"), batch.pop("new_images"))
+        elif "pixel_values" in batch:
+            with torch.no_grad() if self.frozen else nullcontext():
+                features = self.model.vision(batch.pop("pixel_values"))
+        if features is not None:
+            batch["image_embeds"] = self.model.project(features)
+            self.drift.add(batch["image_embeds"])
         loss = self.model.answer_loss_sum(**batch, checked=True)  # counted in `batch`
-        if "vision_features" not in batch and "pixel_values" not in batch and _distributed():
+        if features is None and _distributed():
             # A micro-batch of text only leaves the tower and projector out; sharded training (FSDP)
             # reduces the gradients of the same parameters on every process, so they take part with
             # a zero term (a zero gradient: what they contribute to this micro-batch).
             image_side = [*self.model.vision.parameters(), *self.model.projector.parameters()]
             loss = loss + 0.0 * sum(p.sum() for p in image_side if p.requires_grad)
         return loss
+
+    def health(self) -> tuple[dict[str, float], str | None]:
+        """The image tokens' mean norm against the LLM's words, and a warning when they drift."""
+        return self.drift.read()
 
     def finish(self) -> None:
         if isinstance(self.model.llm, PeftModel):
