@@ -677,6 +677,7 @@ def _folder(tmp: Path) -> None:
 
 
 def _classify(cfg: dict, tmp: Path, **fields: Any) -> None:
+    fields = {"train": ["vision"], **fields}
     cfg["stages"][0].update(kind="classify", name="labels", data=[{"path": str(tmp / "folder")}], **fields)
 
 
