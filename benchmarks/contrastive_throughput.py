@@ -73,7 +73,8 @@ def main() -> None:
     n = args.batch_size
 
     def step(train: list[str], chunk: int):
-        stage = Stage(name="bench", kind="contrastive", train=train, batch_size=n, chunk_size=chunk)
+        options = {"chunk_size": chunk}
+        stage = Stage(name="bench", kind="contrastive", train=train, batch_size=n, options=options)
         objective = ContrastiveObjective(model, [(None, t) for t in texts], stage, torch.device("cpu"))
         set_trainable(objective, objective.parts(), stage)
         batch = {"pixel_values": pixels, "texts": texts}

@@ -53,7 +53,8 @@ def mark(path: Path, phase: str) -> None:
 def child(phase_file: Path, argv: list[str]) -> int:
     """`vistune ARGV` with its phases marked in `phase_file` (the trained process of a trial)."""
     from vistune import cli
-    from vistune.train import checkpoint, loop, run
+    from vistune.commands import train as run
+    from vistune.train import checkpoint, loop
 
     def wrap(module, name: str, before: str, after: str | None) -> None:
         real = getattr(module, name)

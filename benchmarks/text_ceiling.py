@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 from read_accuracy import truth
 
+from vistune.commands.train import train
 from vistune.config import load_config
 from vistune.data.readers import load_records
 from vistune.data.records import IMAGE_PLACEHOLDER
@@ -29,7 +30,6 @@ from vistune.eval.run import evaluate
 from vistune.infer.generate import load_generator
 from vistune.shapes.quickstart import RECIPE
 from vistune.shapes.scenes import load_scenes
-from vistune.train.run import train
 
 
 def as_text(records: list[dict], scenes: dict[str, dict], source: Path, bins: int) -> list[dict]:

@@ -25,8 +25,9 @@ most images are new, so the cache saves little here). The first 50 losses must a
 logits on some vs all rows, fused vs plain AdamW, the order of the grad-norm sum). Under bf16
 autocast (CUDA) the tolerance is BF16_RTOL.
 
-`--pack` packs vistune's vlm micro-batches (`pack: true`: several records per row, rows of `max_length`
-tokens); both modes print the padding share of the batches (padded tokens over all tokens in them).
+`--pack` packs vistune's vlm micro-batches (`options: {pack: true}`: several records per row, rows of
+`max_length` tokens); both modes print the padding share of the batches (padded tokens over all tokens
+in them).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from vistune.shapes.quickstart import RECIPE
 from vistune.train.conversations import collate, collate_packed
 from vistune.train.kinds import build_objective
 from vistune.train.loop import fit, open_run
-from vistune.train.objective import StageContext
+from vistune.train.objective import StageContext, build_batch
 from vistune.train.order import batch_indices
 from vistune.train.trainable import set_trainable
 from vistune.train.vlm import VLMObjective
@@ -102,7 +103,7 @@ def bench_stage(model, stage, steps: int) -> dict:
     times, flops, samples, tokens, slots = [], 0.0, 0, 0, 0
     for step in range(steps + 1):  # step 0 warms up (and fills the feature cache): not timed
         indices = [(step * size + k) % len(task) for k in range(size)]
-        batch = task.batch(indices)
+        batch = build_batch(task, indices)
         lengths = task.lengths()  # per record (vlm stages); batches carry no attention mask
         real = sum(lengths[i] for i in indices) if lengths else 0
         start = time.perf_counter()
@@ -131,7 +132,7 @@ def baseline_setup(data: str, batch_size: int, steps: int, pack: bool) -> tuple[
     model = replace(cfg.model, vision=tower, projector=ProjectorConfig(name="mlp2x_gelu"))
     stage = Stage(name="instruct", data=cfg.stages[-1].data, train=["projector", "llm"], lr=2e-5,
                   warmup_ratio=0.0, max_steps=steps, batch_size=batch_size, max_length=192,
-                  pack=pack)  # fmt: skip
+                  options={"pack": pack})  # fmt: skip
     return model, stage
 
 
@@ -280,7 +281,7 @@ def main_baseline(args: argparse.Namespace) -> None:
             print(f"  step {step:>3}  loss {a:.6f} {b:.6f}  seconds {s:.2f} {t:.2f}")
     timed = {"vistune": our_seconds, "baseline": sum(s for _, s in theirs[1:])}
     losses = [[loss for loss, _ in side[:COMPARED]] for side in (ours, theirs)]
-    packed = packed_slots(objective, order, stage.row_length) if args.pack else None
+    packed = packed_slots(objective, order, stage.options.row_length(stage.max_length)) if args.pack else None
     report(timed, losses, objective.lengths(), order, BF16_RTOL if bf16 else LOSS_RTOL, packed)
 
 
@@ -315,7 +316,8 @@ def main() -> None:
     print(f"{'stage':<10}" + "".join(f"{name:>{width}}" for name, width in heads))
     for stage in cfg.stages:
         stage.batch_size = args.batch_size
-        stage.pack = args.pack and stage.kind == "vlm"
+        if stage.kind == "vlm":
+            stage.options.pack = args.pack
         r = bench_stage(model, stage, args.steps)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(

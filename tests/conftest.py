@@ -130,8 +130,8 @@ def one_stage(tiny_world, tiny_llm_dir) -> Callable[..., dict]:
         stage = {"name": "s", "kind": kind, "train": train, "batch_size": 2, "grad_accum": 2, "max_steps": 2,
                  "max_length": 128, "lr": 0.01, "lora_rank": 4, "data": [KIND_DATA[kind]]}  # fmt: skip
         if kind == "contrastive":
-            stage |= {"text_tower": str(tiny_llm_dir), "max_length": 32, "chunk_size": 2, "grad_accum": 1,
-                      "batch_size": 4}  # fmt: skip
+            stage |= {"options": {"text_tower": str(tiny_llm_dir), "chunk_size": 2}, "max_length": 32,
+                      "grad_accum": 1, "batch_size": 4}  # fmt: skip
         return {
             "data_root": str(tiny_world),
             "model": {
@@ -143,3 +143,19 @@ def one_stage(tiny_world, tiny_llm_dir) -> Callable[..., dict]:
         }
 
     return make
+
+
+@pytest.fixture(scope="module")
+def corpus_world(tmp_path_factory, tiny_llm_dir, tiny_vlm):
+    """What the bad-input cases of a test file share (tests/bad_inputs.py): tiny saved models."""
+    from bad_inputs import World
+
+    return World(tmp_path_factory.mktemp("corpus"), Path(tiny_llm_dir), tiny_vlm)
+
+
+@pytest.fixture(scope="module")
+def corpus_server(corpus_world):
+    """The tiny model served on a loopback port for the bad-input cases of the HTTP API."""
+    from bad_inputs import serve
+
+    yield from serve(corpus_world)

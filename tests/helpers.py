@@ -1,5 +1,6 @@
 """Helpers shared by several test files: a tiny BERT text tower with a hand-written WordPiece vocab,
-a tiny CLIP image-text model, coloured-shape images and image-caption pair files."""
+a tiny CLIP image-text model, coloured-shape images, image-caption pair files, and a fake predictor for
+the evaluation runner."""
 
 from __future__ import annotations
 
@@ -89,3 +90,22 @@ def write_pairs(root, n_per_combo: int = 2) -> tuple[str, str]:
 def read_pairs(pairs: str, image_root: str) -> list[tuple[Path, str]]:
     """(image path, caption) of each line of a pairs file written by write_pairs."""
     return [pair_of(r, Path(image_root)) for r in load_records(pairs, image_root)]
+
+
+class FakePredictor:
+    """Answers from a question -> answer table; checks what the runner hands it."""
+
+    def __init__(self, table: dict[str, str] | None = None, default: str = "no idea"):
+        self.table, self.default, self.batches = table or {}, default, []
+
+    def answer(self, conversations, images, max_new_tokens=32):
+        assert len(conversations) == len(images)
+        self.batches.append(len(conversations))
+        out = []
+        for conv, imgs in zip(conversations, images, strict=True):
+            assert conv[-1].role == "user"
+            assert sum(t.content.count("<image>") for t in conv) == len(imgs)
+            assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in imgs)
+            question = conv[-1].content.replace("<image>", "").strip()
+            out.append(next((a for q, a in self.table.items() if q in question), self.default))
+        return out

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
 from vistune import cli
 
 
-@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("name", sorted(cli.commands()))
 def test_every_command_has_help(name, capsys):
-    module, function = cli.COMMANDS[name][0].split(":")
+    module, function = cli.commands()[name][0].split(":")
     fn = getattr(importlib.import_module(module), function)
     with pytest.raises(SystemExit) as done:
         fn(["--help"])
@@ -42,7 +44,27 @@ def test_eval_suite_shapes_is_routed_to_the_shapes_suite(monkeypatch):
     assert seen["argv"] == ["MODEL", "--data", "DIR"]
 
 
-@pytest.mark.parametrize("target", sorted(cli.EVAL_ROUTES.values()))
+def test_an_unknown_suite_is_a_one_line_error(capsys):
+    assert cli.main(["eval", "MODEL", "--suite", "nope", "--data", "DIR"]) == 2
+    assert "--suite 'nope' is not one of the installed suites ['shapes']" in capsys.readouterr().err
+
+
+def test_the_extension_commands_come_from_the_extension_not_the_core():
+    assert {"quickstart", "data synth"} <= set(cli.commands()) and not {"quickstart", "data synth"} & set(
+        cli.COMMANDS
+    )
+    assert ("--suite", "shapes") in cli.eval_routes() and ("--suite", "shapes") not in cli.EVAL_ROUTES
+
+
+def test_help_lists_the_extensions_commands_and_suites_without_importing_torch():
+    code = "import sys; from vistune import cli; print(cli._usage()); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "quickstart" in done.stdout and "eval --suite shapes" in done.stdout
+    assert done.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("target", sorted(cli.eval_routes().values()))
 def test_eval_routes_have_help(target, capsys):
     module, function = target.split(":")
     with pytest.raises(SystemExit) as done:
@@ -56,7 +78,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_unexpected_failures_are_one_line_unless_debug(monkeypatch, capsys):
-    import vistune.train.run as run
+    import vistune.commands.train as run
 
     def broken(argv):
         raise RuntimeError("the disk caught fire")

@@ -7,7 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vistune.config import Config, DataSpec, Stage, VisionConfig, config_from_dict, load_config, save_config
+from vistune.config import (
+    ClassifyOptions,
+    Config,
+    ContrastiveOptions,
+    DataSpec,
+    Stage,
+    VisionConfig,
+    VLMOptions,
+    config_from_dict,
+    load_config,
+    save_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,5 +195,57 @@ def test_the_gpu_profile_trains_the_cpu_recipes_model_on_its_data():
     cpu, gpu = (load_config(ROOT / "configs" / name) for name in ("quickstart.yaml", "quickstart_gpu.yaml"))
     assert gpu.model == cpu.model
     for a, b in zip(cpu.stages, gpu.stages, strict=True):
-        assert (a.kind, a.train, a.data, a.augment, a.lr) == (b.kind, b.train, b.data, b.augment, b.lr)
+        assert (a.kind, a.train, a.data, a.options, a.lr) == (b.kind, b.train, b.data, b.options, b.lr)
     assert gpu.stages[1].max_steps > cpu.stages[1].max_steps and gpu.stages[0].workers > 0
+
+
+def test_every_shipped_config_loads_and_round_trips(tmp_path):
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 8
+    for path in configs:
+        cfg = load_config(path)
+        save_config(cfg, tmp_path / "config.json")
+        assert load_config(tmp_path / "config.json") == cfg, path.name
+
+
+@pytest.mark.parametrize(
+    "old, value",
+    [("pack", "true"), ("pack_length", "256"), ("cache_features", "false"),
+     ("gradient_checkpointing", "true"), ("text_tower", "minilm"), ("loss", "siglip"), ("embed_dim", "64"),
+     ("chunk_size", "8"), ("augment", "{flip: 0.5}")],
+)  # fmt: skip
+def test_a_stage_key_that_moved_into_options_names_its_new_place(tmp_path, old, value):
+    with pytest.raises(ValueError) as err:
+        load_config(_write(tmp_path, RAW), [f"stages.1.{old}={value}"])
+    assert str(err.value) == f"{tmp_path / 'cfg.yaml'}: stages[1]: {old} moved: use stages[1].options.{old}"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.1.options={pack: maybe}", "stages[1].options.pack: expected bool, got 'maybe'"),
+        ("stages.1.options={text_tower: minilm}", "stages[1].options: unknown field(s) ['text_tower']"),
+        ("stages.1.options={pack_length: 64}", "options.pack_length 64 is set but pack is false"),
+        ("stages.1.options=[pack]", "stages[1].options: expected a mapping, got list"),
+        ("stages.1.kind=bogus", "'tune': kind 'bogus' is not one of ['classify', 'contrastive', 'scene',"),
+    ],
+)  # fmt: skip
+def test_a_stages_options_are_checked_by_its_kind(tmp_path, override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(_write(tmp_path, RAW), [override])
+    assert message in str(err.value)
+
+
+def test_each_kind_reads_its_options_into_its_dataclass(tmp_path):
+    cfg = load_config(
+        _write(tmp_path, RAW),
+        ["stages.0.options={pack: true}", "stages.1.kind=contrastive", "stages.1.options={loss: siglip}"],
+    )
+    vlm, contrastive = (stage.options for stage in cfg.stages)
+    assert isinstance(vlm, VLMOptions) and vlm.pack and vlm.row_length(cfg.stages[0].max_length) == 512
+    assert isinstance(contrastive, ContrastiveOptions) and contrastive.loss == "siglip"
+    saved = cfg.to_dict()["stages"][1]["options"]
+    assert saved == {"text_tower": "minilm", "loss": "siglip", "embed_dim": 128, "chunk_size": 32}
+    assert isinstance(Stage(name="s", kind="classify").options, ClassifyOptions)
+    with pytest.raises(ValueError, match="options of a vlm stage are VLMOptions, got ClassifyOptions"):
+        Stage(name="s", options=ClassifyOptions())

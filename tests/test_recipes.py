@@ -22,11 +22,11 @@ from accelerate.commands.launch import launch_command_parser
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+from vistune.commands.train import train
 from vistune.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig, load_config
 from vistune.data.records import Turn
 from vistune.model.template import IGNORE, render, set_chat_template
 from vistune.model.vlm import build_vlm, load_vlm
-from vistune.train.run import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LLAVA = CONFIGS / "llava-1.5.yaml"

@@ -15,6 +15,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vistune import extensions
+
 # CNN towers use transformers' ResNetModel (kind "resnet"), not timm: timm hard-requires torchvision, and
 # PyPI's torchvision cannot import beside the CPU build of torch 2.13 that this project pins.
 VISION_KINDS = ("clip", "siglip", "resnet")
@@ -31,6 +33,15 @@ RENAMED = {
         "position_bins": "options.position_bins",
     },
 }
+# Stage fields that moved into the options of the kinds that read them: the old place is rejected with a
+# message naming the new one (`stages[1]: pack moved: use stages[1].options.pack`).
+MOVED = {
+    "Stage": {
+        name: f"options.{name}"
+        for name in ("cache_features", "gradient_checkpointing", "pack", "pack_length", "text_tower", "loss",
+                     "embed_dim", "chunk_size", "augment")
+    },
+}  # fmt: skip
 
 
 @dataclass
@@ -85,7 +96,7 @@ class VisionConfig:
 class ProjectorConfig:
     """Maps vision features (B, N, Dv) to LLM embeddings (B, N', Dl).
 
-    `name` is a registered projector (`vistune.model.projector.PROJECTORS`); `options` holds the
+    `name` is a registered projector (`vistune.model.projector.projectors`); `options` holds the
     settings of projectors that extensions register, which check them when they are built.
     """
 
@@ -181,7 +192,8 @@ class Augment:
 
 @dataclass
 class DataSpec:
-    """One dataset of a stage: a file (LLaVA JSON/JSONL, pairs JSONL, scenes JSONL) and its image root."""
+    """One dataset of a stage: a file or folder its kind reads (LLaVA JSON/JSONL, pairs JSONL, an ImageFolder,
+    or an extension kind's format) and its image root."""
 
     path: str
     image_root: str | None = None
@@ -209,13 +221,111 @@ class DataSpec:
 
 
 @dataclass
+class StageOptions:
+    """The options of a stage kind: each kind (built-in or an extension's) reads its stage's `options`
+    mapping into a dataclass of its own that derives from this one. Fields check themselves in
+    `__post_init__`; `check` sees the whole stage, for rules that join an option with a shared field."""
+
+    def check(self, stage: Stage) -> None:
+        """Raise ValueError, naming the field, when an option does not fit the rest of the stage."""
+
+
+@dataclass
+class VLMOptions(StageOptions):
+    """`vlm` stages: next-token loss on the assistant tokens of conversations."""
+
+    # With a frozen tower: keep each image's features (on the device) instead of recomputing them;
+    # null: when the stage's images fit in FEATURE_CACHE_GB.
+    cache_features: bool | None = None
+    # Recompute the LLM's layer activations in the backward pass instead of keeping them (about a third
+    # more compute for a fraction of the activation memory: for large models).
+    gradient_checkpointing: bool = False
+    # Pack each micro-batch's records into as few rows of `pack_length` tokens (default max_length) as
+    # hold them, first-fit by length; position ids restart at 0 for each record and attention never
+    # crosses records. Same loss, fewer padded tokens.
+    pack: bool = False
+    pack_length: int | None = None
+
+    def check(self, stage: Stage) -> None:
+        """Every record (at most `max_length` tokens) must fit a packed row."""
+        if self.pack_length is None:
+            return
+        if not self.pack:
+            raise ValueError(
+                f"stage {stage.name!r}: options.pack_length {self.pack_length} is set but pack is false"
+            )
+        if self.pack_length < stage.max_length:
+            raise ValueError(
+                f"stage {stage.name!r}: options.pack_length must be at least max_length ({stage.max_length}) "
+                f"so every record fits a row, got {self.pack_length}"
+            )
+
+    def row_length(self, max_length: int) -> int:
+        """The token budget of one packed row (`pack_length`, else the stage's `max_length`)."""
+        return self.pack_length if self.pack_length is not None else max_length
+
+
+@dataclass
+class ContrastiveOptions(StageOptions):
+    """`contrastive` stages: CLIP/SigLIP image-text pretraining of the tower."""
+
+    text_tower: str = "minilm"  # "minilm", "llm" (the run's LLM) or a local encoder dir
+    loss: str = "clip"  # clip | siglip
+    embed_dim: int = 128  # width of the shared image-text space
+    chunk_size: int = 32  # pairs embedded at once (activation memory; the gradients do not change)
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("clip", "siglip"):
+            raise ValueError(f"loss {self.loss!r} is not one of ('clip', 'siglip')")
+        _at_least(self, "", 1, "embed_dim", "chunk_size")
+
+
+@dataclass
+class ClassifyOptions(StageOptions):
+    """`classify` stages: the tower with a linear head on an ImageFolder."""
+
+    # train-time image augmentation that keeps the class true (default: none)
+    augment: Augment = field(default_factory=Augment)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            self.augment = Augment(**self.augment)
+
+
+# The built-in kinds' options; an extension's kind names its own when it registers
+# (`vistune.extensions.register_stage_kind`).
+BUILT_IN_OPTIONS: dict[str, type[StageOptions]] = {
+    "vlm": VLMOptions,
+    "contrastive": ContrastiveOptions,
+    "classify": ClassifyOptions,
+}
+
+
+def stage_options_class(kind: str) -> type[StageOptions]:
+    """The options dataclass of a stage kind (a built-in one, or an installed extension's)."""
+    if kind in BUILT_IN_OPTIONS:
+        return BUILT_IN_OPTIONS[kind]
+    extensions.load_extensions()
+    kinds = extensions.STAGE_KINDS
+    if kind not in kinds:
+        raise ValueError(f"kind {kind!r} is not one of {sorted(BUILT_IN_OPTIONS.keys() | kinds.keys())}")
+    target = kinds[kind].options
+    cls = StageOptions if target is None else extensions.resolve(target)
+    if not (isinstance(cls, type) and issubclass(cls, StageOptions) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"stage kind {kind!r}: its options {target!r} are not a StageOptions dataclass")
+    return cls
+
+
+@dataclass
 class Stage:
     """One training stage: what data, which modules learn, and how long.
 
     kind: a stage kind (`vistune.train.kinds.stage_kinds`): `vlm` (next-token loss on
     assistant tokens), `contrastive` (image-text), `classify` (the tower with a linear head on an
-    ImageFolder), or one an extension adds (the shapes world's `scene`).
+    ImageFolder), or one an installed extension adds.
     train: trainable module sets among vision, projector, llm (full), lora (adapters on the LLM).
+    options: what only this kind reads, checked by the kind's options dataclass (`VLMOptions`,
+    `ContrastiveOptions`, `ClassifyOptions`, or an extension kind's).
     """
 
     name: str
@@ -237,27 +347,12 @@ class Stage:
     on_bad_record: str = "raise"  # raise | skip
     max_grad_norm: float = 1.0
     group_by_length: bool = True  # batch records of similar length together (less padding)
-    # vlm stages with a frozen tower: keep each image's features (on the device) instead of recomputing
-    # them; null: when the stage's images fit in FEATURE_CACHE_GB.
-    cache_features: bool | None = None
-    # vlm stages: recompute the LLM's layer activations in the backward pass instead of keeping them
-    # (about a third more compute for a fraction of the activation memory: for large models)
-    gradient_checkpointing: bool = False
-    # vlm stages: pack each micro-batch's records into as few rows of `pack_length` tokens (default
-    # max_length) as hold them, first-fit by length; position ids restart at 0 for each record and
-    # attention never crosses records. Same loss, fewer padded tokens.
-    pack: bool = False
-    pack_length: int | None = None
     # Build the host-side batches in this many DataLoader worker processes (prefetched, pinned on CUDA);
     # 0 builds them in the training process. The data order is the same either way.
     workers: int = 0
-    # contrastive stages only: the text tower ("minilm", "llm" or a local encoder dir), loss, sizes
-    text_tower: str = "minilm"
-    loss: str = "clip"
-    embed_dim: int = 128
-    chunk_size: int = 32
-    # scene and classify stages: train-time image augmentation that keeps targets true (default: none)
-    augment: Augment = field(default_factory=Augment)
+    # The kind's own settings: a mapping in YAML, read into the kind's options dataclass
+    # (`stage_options_class`), e.g. `options: {pack: true}` for a vlm stage.
+    options: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.train if t not in TRAINABLE]
@@ -268,9 +363,7 @@ class Stage:
         if self.on_bad_record not in ("raise", "skip"):
             raise ValueError(f"stage {self.name!r}: on_bad_record must be raise or skip")
         where = f"stage {self.name!r}: "
-        _at_least(
-            self, where, 1, "batch_size", "grad_accum", "max_length", "lora_rank", "chunk_size", "embed_dim"
-        )
+        _at_least(self, where, 1, "batch_size", "grad_accum", "max_length", "lora_rank")
         _at_least(self, where, 1, *(n for n in ("max_steps", "lora_layers") if getattr(self, n) is not None))
         _above(self, where, 0, "lr", "epochs", "lora_alpha", "max_grad_norm")
         _above(self, where, 0, *(["lr_vision"] if self.lr_vision is not None else []))
@@ -278,33 +371,18 @@ class Stage:
             raise ValueError(f"{where}weight_decay must be >= 0 and warmup_ratio in [0, 1)")
         if self.workers < 0:
             raise ValueError(f"{where}workers must be at least 0, got {self.workers}")
-        self._check_packing(where)
-        if self.loss not in ("clip", "siglip"):
-            raise ValueError(f"{where}loss {self.loss!r} is not one of ('clip', 'siglip')")
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
-        if isinstance(self.augment, dict):
-            self.augment = Augment(**self.augment)
-        if self.augment.active() and self.kind in ("vlm", "contrastive"):
-            raise ValueError(f"{where}augment is for scene and classify stages, not {self.kind!r} stages")
-
-    def _check_packing(self, where: str) -> None:
-        """`pack` is for vlm stages; every record (at most `max_length` tokens) must fit a packed row."""
-        if self.pack and self.kind != "vlm":
-            raise ValueError(f"{where}pack packs conversations: vlm stages only, not kind {self.kind!r}")
-        if self.pack_length is None:
-            return
-        if not self.pack:
-            raise ValueError(f"{where}pack_length {self.pack_length} is set but pack is false")
-        if self.pack_length < self.max_length:
+        try:
+            cls = stage_options_class(self.kind)
+        except ValueError as err:
+            raise ValueError(f"{where}{err}") from err
+        if isinstance(self.options, dict):
+            self.options = build_dataclass(cls, self.options, f"stage {self.name!r}: options")
+        if type(self.options) is not cls:
             raise ValueError(
-                f"{where}pack_length must be at least max_length ({self.max_length}) so every record fits "
-                f"a row, got {self.pack_length}"
+                f"{where}options of a {self.kind} stage are {cls.__name__}, got {type(self.options).__name__}"
             )
-
-    @property
-    def row_length(self) -> int:
-        """The token budget of one packed row (`pack_length`, else `max_length`)."""
-        return self.pack_length if self.pack_length is not None else self.max_length
+        self.options.check(self)
 
 
 @dataclass
@@ -367,6 +445,9 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     for old, new in RENAMED.get(cls.__name__, {}).items():
         if old in data:
             raise ValueError(f"{prefix}{old} was renamed: use {prefix}{new}")
+    for old, new in MOVED.get(cls.__name__, {}).items():
+        if old in data:
+            raise ValueError(f"{where or 'config'}: {old} moved: use {prefix}{new}")
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"{where or 'config'}: unknown field(s) {sorted(unknown)}; valid: {sorted(names)}")
@@ -374,6 +455,11 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     for key, value in data.items():
         hint = hints[key]
         sub = f"{where}.{key}" if where else key
+        if cls is Stage and key == "options":  # typed by the stage's kind
+            try:
+                hint = stage_options_class(data.get("kind", "vlm"))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{where or 'config'}: {err}") from err
         if get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
             if not isinstance(value, list):
                 raise ValueError(f"{sub}: expected a list, got {type(value).__name__}")
@@ -393,6 +479,8 @@ def _check_value(hint: Any, value: Any, where: str) -> Any:
 
     Float fields also take ints and numeric strings: YAML 1.1 reads `1e-3` (no dot) as a string.
     """
+    if hint is Any:
+        return value
     options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None

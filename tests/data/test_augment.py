@@ -92,9 +92,11 @@ def test_bad_settings_name_the_field(fields, message):
 
 
 def test_stages_whose_targets_augmentation_would_falsify_refuse_it():
-    with pytest.raises(ValueError, match="augment is for scene and classify stages, not 'vlm'"):
-        Stage(name="s", kind="vlm", augment={"flip": 0.5})
-    assert Stage(name="s", kind="scene", augment={"flip": 0.5}).augment.flip == 0.5
+    for kind in ("vlm", "contrastive"):
+        with pytest.raises(ValueError, match=r"options: unknown field\(s\) \['augment'\]"):
+            Stage(name="s", kind=kind, options={"augment": {"flip": 0.5}})
+    assert Stage(name="s", kind="classify", options={"augment": {"flip": 0.5}}).options.augment.flip == 0.5
+    assert Stage(name="s", kind="scene", options={"augment": {"flip": 0.5}}).options.augment.flip == 0.5
 
 
 def test_shrink_keeps_the_image_whole_smaller_on_the_mean_colour():

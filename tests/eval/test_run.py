@@ -1,4 +1,4 @@
-"""The runner, reports, suite and CLI with a fake predictor: batching, failures, files written."""
+"""The runner, reports and CLI with a fake predictor: batching, failures, files written."""
 
 from __future__ import annotations
 
@@ -6,32 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import FakePredictor
 from PIL import Image
 
 from vistune.data.records import Record, Turn
 from vistune.eval import command, run, text_bench
-from vistune.eval.report import read_predictions, suite_table
+from vistune.eval.report import read_predictions
 from vistune.model.vlm import MODEL_FILE
-from vistune.shapes.suite import run_suite
-
-
-class FakePredictor:
-    """Answers from a question -> answer table; checks what the runner hands it."""
-
-    def __init__(self, table: dict[str, str] | None = None, default: str = "no idea"):
-        self.table, self.default, self.batches = table or {}, default, []
-
-    def answer(self, conversations, images, max_new_tokens=32):
-        assert len(conversations) == len(images)
-        self.batches.append(len(conversations))
-        out = []
-        for conv, imgs in zip(conversations, images, strict=True):
-            assert conv[-1].role == "user"
-            assert sum(t.content.count("<image>") for t in conv) == len(imgs)
-            assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in imgs)
-            question = conv[-1].content.replace("<image>", "").strip()
-            out.append(next((a for q, a in self.table.items() if q in question), self.default))
-        return out
 
 
 def _image(root, name, color=(255, 0, 0)):
@@ -201,79 +182,16 @@ def test_unknown_task_lists_valid_names():
         run.evaluate(FakePredictor(), [], "ocr")
 
 
-def _shapes_dir(tmp_path):
-    root = tmp_path / "shapes"
-    for split in ("test", "compositional"):
-        img = f"{split}/0.png"
-        _image(root / "images", img)
-        human = {"from": "human", "value": "<image>\nWhat color is the circle?"}
-        files = {
-            "vqa": [
-                {
-                    "id": "v0",
-                    "image": img,
-                    "question_type": "color",
-                    "answer": "red",
-                    "conversations": [human, {"from": "gpt", "value": "red"}],
-                }
-            ],
-            "captions": [
-                {
-                    "id": "c0",
-                    "image": img,
-                    "conversations": [
-                        {"from": "human", "value": "<image>\nDescribe the picture."},
-                        {"from": "gpt", "value": "a red circle"},
-                    ],
-                }
-            ],
-            "pope": [
-                {
-                    "id": "p0",
-                    "image": img,
-                    "answer": "yes",
-                    "pope_setting": "random",
-                    "object": "circle",
-                    "conversations": [
-                        {"from": "human", "value": "<image>\nIs there a circle?"},
-                        {"from": "gpt", "value": "yes"},
-                    ],
-                }
-            ],
-            "classify": [
-                {
-                    "id": "k0",
-                    "image": img,
-                    "label": "circle",
-                    "conversations": [
-                        {"from": "human", "value": "<image>\nWhich shape is it?"},
-                        {"from": "gpt", "value": "circle"},
-                    ],
-                }
-            ],
-        }
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (root / split / f"{name}.json").write_text(json.dumps(data))
-    (root / "manifest.json").write_text(json.dumps({"labels": ["circle", "square"]}))
-    return root
-
-
-def test_run_suite_compares_splits(tmp_path):
-    pytest.importorskip("vistune.data.readers")
-    pred = FakePredictor(
-        {"color": "red", "Describe": "a red circle", "Is there": "yes", "Which shape": "circle"}
-    )
-    results = run_suite(pred, _shapes_dir(tmp_path), tmp_path / "out", meteor=False, limit=10)
-    assert set(results) == {"test", "compositional", "text"}
-    assert (
-        results["test"]["vqa"]["accuracy"] == 1.0 and results["compositional"]["classify"]["accuracy"] == 1.0
-    )
-    assert results["test"]["pope"]["overall"]["accuracy"] == 1.0
-    md = (tmp_path / "out" / "report.md").read_text()
-    assert "| task | metric | test | compositional |" in md and "test/vqa/report.md" in md
-    assert (tmp_path / "out" / "compositional" / "caption" / "grid.png").exists()
-    assert "| vqa | accuracy | 1.0000 | 1.0000 |" in suite_table(results)
+def _vqa_file(tmp_path) -> Path:
+    """TMP/data/test/vqa.json: one colour question about TMP/data/images/test/0.png."""
+    root = tmp_path / "data"
+    _image(root / "images", "test/0.png")
+    human = {"from": "human", "value": "<image>\nWhat color is the circle?"}
+    record = {"id": "v0", "image": "test/0.png", "question_type": "color", "answer": "red",
+              "conversations": [human, {"from": "gpt", "value": "red"}]}  # fmt: skip
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    (root / "test" / "vqa.json").write_text(json.dumps([record]))
+    return root / "test" / "vqa.json"
 
 
 def test_cli_rescores_predictions_without_model(tmp_path, capsys):
@@ -302,7 +220,7 @@ def test_cli_with_model_and_base(tmp_path, monkeypatch, capsys):
     }
     monkeypatch.setattr(command, "load_generator", lambda name, batch_size: models[Path(name).name])
     model = _model_dir(tmp_path)
-    data = _shapes_dir(tmp_path) / "test" / "vqa.json"
+    data = _vqa_file(tmp_path)
     assert (
         command.main_eval(
             [

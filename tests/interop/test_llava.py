@@ -181,8 +181,8 @@ def test_processor_reproduces_vistune_preprocessing(exported):
 
 
 def test_a_run_starts_from_a_llava_dir_trains_and_exports_back(exported, tmp_path, tiny_llm_dir):
+    from vistune.commands.train import train
     from vistune.config import config_from_dict
-    from vistune.train.run import train
 
     _, _, _, root = exported("clip", "mlp2x_gelu")
     image = tmp_path / "images" / "a.png"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vistune.config import ProjectorConfig
-from vistune.model.projector import PROJECTORS, ProjectorContext, build_projector
+from vistune.model.projector import PROJECTORS, ProjectorContext, build_projector, upgrade_projector
 
 IN_DIM, OUT_DIM, GRID = 12, 20, (4, 6)
 
@@ -95,3 +95,12 @@ def test_resampler_count_is_independent_of_input_length():
 def test_options_are_refused_by_projectors_that_take_none():
     with pytest.raises(ValueError, match="'mlp2x_gelu' takes no options; got \\['words'\\]"):
         make(ProjectorConfig(name="mlp2x_gelu", options={"words": [["red"]]}))
+
+
+def test_a_projector_config_saved_by_an_earlier_version_loads():
+    """Before extension projectors took their settings from `options`, every saved projector config held
+    `words`, `slots` and `position_bins`; the built-in projectors drop them."""
+    old = {"name": "mlp2x_gelu", "shuffle_factor": 2, "num_queries": 16, "words": [], "slots": 6,
+           "position_bins": 10}  # fmt: skip
+    assert upgrade_projector(dict(old)) == {"name": "mlp2x_gelu", "shuffle_factor": 2, "num_queries": 16}
+    assert ProjectorConfig(**upgrade_projector(dict(old))).name == "mlp2x_gelu"

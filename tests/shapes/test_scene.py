@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vistune.commands.train import train
 from vistune.config import Stage, config_from_dict
 from vistune.model.vlm import build_vlm
 from vistune.shapes.questions import COLORS, SHAPES, SIZES
 from vistune.shapes.scene import ATTRIBUTES, SceneObjective, cell_offsets, cell_targets, mirror_targets
 from vistune.shapes.synth import synthesize
 from vistune.train import loop
-from vistune.train.objective import StageContext
-from vistune.train.run import train
+from vistune.train.objective import StageContext, build_batch
 
 
 def _scene(*objects):
@@ -65,9 +65,9 @@ def test_scene_heads_start_the_object_words_classifiers(tiny_model_config, world
     model = build_vlm(cfg)
     objective = SceneObjective(_scene_stage(world_dir), model, StageContext(torch.device("cpu"), world_dir))
     assert len(objective) == 4 and set(objective.parts()) == {"vision"}
-    loss = objective(objective.batch([0, 1]))
+    loss = objective(build_batch(objective, [0, 1]))
     # images x cells x attributes
-    assert torch.isfinite(loss) and objective.count(objective.batch([0, 1])) == 2 * 4 * 3
+    assert torch.isfinite(loss) and objective.count(build_batch(objective, [0, 1])) == 2 * 4 * 3
     objective.finish()
     torch.testing.assert_close(model.projector.offset.weight, objective.heads["offset"].weight)
     # the colour group lists COLORS in order, so its classifier is the colour head as it is
@@ -92,7 +92,7 @@ def test_an_augmented_scene_stage_resumes_exactly(one_stage, tmp_path, monkeypat
             ["vision"],
             kind="scene",
             max_steps=4,
-            augment={"flip": 0.5, "grayscale": 0.5, "brightness": 0.1, "noise": 0.02},
+            options={"augment": {"flip": 0.5, "grayscale": 0.5, "brightness": 0.1, "noise": 0.02}},
         )
         return config_from_dict(raw | {"out": str(out), "save_every": 2})  # fmt: skip
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vistune.config import ProjectorConfig
-from vistune.model.projector import ProjectorContext, build_projector
+from vistune.model.projector import ProjectorContext, build_projector, upgrade_projector
 
 IN_DIM, OUT_DIM, GRID = 12, 20, (4, 6)
 
@@ -156,3 +156,11 @@ def test_object_words_rejects_bad_settings(smollm2_tokenizer, fields, match):
         make(
             ProjectorConfig(name="object_words", options={"words": OBJECT_WORDS, **fields}), smollm2_tokenizer
         )
+
+
+def test_a_word_projector_saved_before_its_options_existed_loads():
+    old = {"name": "object_words", "shuffle_factor": 2, "num_queries": 16, "words": [["red", "blue"]],
+           "slots": 3, "position_bins": 8}  # fmt: skip
+    new = upgrade_projector(dict(old))
+    assert new["options"] == {"words": [["red", "blue"]], "slots": 3, "position_bins": 8, "shuffle_factor": 2}
+    assert not {"words", "slots", "position_bins"} & set(new)

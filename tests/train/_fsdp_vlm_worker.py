@@ -29,13 +29,13 @@ from torch.distributed.tensor import DTensor
 from vistune.config import DataSpec, LLMConfig, ModelConfig, ProjectorConfig, Stage, VisionConfig
 from vistune.model.vlm import build_vlm, save_vlm
 from vistune.train.checkpoint import gather_state
-from vistune.train.objective import StageContext
+from vistune.train.objective import StageContext, build_batch
 from vistune.train.trainable import set_trainable
 from vistune.train.vlm import VLMObjective
 
 SEED = 0
 STEPS = 3
-MODES = {"cache": True, "nocache": False}  # stage.cache_features
+MODES = {"cache": True, "nocache": False}  # stage.options.cache_features
 TOWER = dict(kind="clip", image_size=16, patch_size=4, hidden_size=16, num_layers=1, num_heads=2,
              intermediate_size=32)  # fmt: skip
 
@@ -58,7 +58,7 @@ def make_stage(data: str | Path, image_root: str | Path, cache: bool | None = No
         data=[DataSpec(path=str(data), image_root=str(image_root))],
         batch_size=2,
         max_length=128,
-        cache_features=cache,
+        options={"cache_features": cache},
     )
 
 
@@ -112,7 +112,7 @@ def run(mode: str, out: Path, llm_dir: str, data: str, image_root: str) -> dict:
         "new_images": [],
     }
     for step in range(STEPS):
-        batch = objective.batch(micro_batch(step, rank))
+        batch = build_batch(objective, micro_batch(step, rank))
         seen["batch_keys"].append(sorted(batch))
         seen["new_images"].append(len(batch.get("new_images", {})))
         loss = objective(batch) / objective.count(batch)
@@ -153,7 +153,7 @@ def run_text_only(out: Path, llm_dir: str, data: str, image_root: str) -> dict:
     losses = []
     for step in range(2):
         indices = TEXT_ONLY if (rank, step) == (1, 1) else micro_batch(step, rank)
-        batch = objective.batch(indices)
+        batch = build_batch(objective, indices)
         loss = objective(batch) / objective.count(batch)
         loss.backward()
         optimizer.step()

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vistune import cli
+from vistune.commands.train import train
 from vistune.config import config_from_dict
 from vistune.train import checkpoint as ckpt
 from vistune.train import loop
-from vistune.train.run import train
 
 
 def _saved(tmp_path, steps=(1, 2)) -> list:

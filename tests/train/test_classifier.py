@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import shape_image
 
+from vistune.commands.classifier import main_train_classifier
 from vistune.config import VisionConfig
 from vistune.model.vision import build_vision_tower
-from vistune.train.classifier import main_train_classifier
 
 torch.set_num_threads(1)
 
@@ -131,8 +131,8 @@ def test_one_class_and_bad_sizes_are_refused(tmp_path):
 
 def test_a_classify_stage_trains_its_head_with_the_tower(one_stage, tmp_path):
     """`train: [vision]` trains the tower and the stage's own head; `projector` is refused by name."""
+    from vistune.commands.train import train
     from vistune.config import config_from_dict
-    from vistune.train.run import train
 
     raw = one_stage(["vision"], kind="classify")
     raw["out"] = str(tmp_path / "run")

@@ -13,11 +13,14 @@ import torch
 import torch.multiprocessing as mp
 from helpers import COLORS, SHAPES, read_pairs, shape_image, tiny_model, tiny_text_dir, write_pairs
 
+from vistune.commands.contrastive import train_contrastive
 from vistune.config import Stage
 from vistune.model.contrastive import load_contrastive
-from vistune.train.contrastive import ContrastiveObjective, train_contrastive
+from vistune.train.contrastive import ContrastiveObjective
 
 torch.set_num_threads(1)
+
+CPU = torch.device("cpu")
 
 
 def _chunked_step(model, pixels, texts, chunk, scale=1.0):
@@ -36,7 +39,7 @@ def test_chunked_objective_equals_full_batch_step(tmp_path, loss):
     stage = Stage(name="s", kind="contrastive", train=["vision", "projector", "llm"], batch_size=8)
     pairs = [(Path("unused.png"), t) for t in texts]
     whole, chunked = (
-        ContrastiveObjective(model, pairs, dataclasses.replace(stage, chunk_size=n), torch.device("cpu"))
+        ContrastiveObjective(model, pairs, dataclasses.replace(stage, options={"chunk_size": n}), CPU)
         for n in (32, 3)
     )
 
@@ -68,7 +71,7 @@ def test_train_contrastive_learns_and_saves(tmp_path):
     model = tiny_model(tmp_path)
     stage = Stage(
         name="lit", kind="contrastive", train=["vision", "projector"], lr=5e-3, max_steps=60,
-        batch_size=16, warmup_ratio=0.1, chunk_size=8,
+        batch_size=16, warmup_ratio=0.1, options={"chunk_size": 8},
     )  # fmt: skip
     text_before = {k: v.clone() for k, v in model.text.state_dict().items()}
     train_contrastive(model, pairs, stage, tmp_path / "run")
@@ -98,7 +101,7 @@ def test_stage_errors_name_the_field(tmp_path):
 
 
 def test_cli_trains_and_saves(tmp_path):
-    from vistune.train.contrastive import main_train_contrastive
+    from vistune.commands.contrastive import main_train_contrastive
 
     pairs, image_root = write_pairs(tmp_path, n_per_combo=1)
     args = [
@@ -150,7 +153,7 @@ def _train_worker(rank: int, world: int, port: int, root: str) -> None:
     pairs = read_pairs(str(root_path / "pairs.jsonl"), str(root_path / "images"))
     stage = Stage(
         name="ddp", kind="contrastive", train=["vision", "projector"], max_steps=4, batch_size=4,
-        warmup_ratio=0.0, lr=1e-2, chunk_size=2,
+        warmup_ratio=0.0, lr=1e-2, options={"chunk_size": 2},
     )  # fmt: skip
     train_contrastive(model, pairs, stage, root_path / "run", seed=rank)
     state = {

@@ -24,7 +24,7 @@ from helpers import shape_image
 from safetensors.torch import load_file
 
 from vistune.model.vlm import build_vlm, load_vlm
-from vistune.train.objective import StageContext
+from vistune.train.objective import StageContext, build_batch
 from vistune.train.vlm import VLMObjective
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +145,7 @@ def test_saved_model_dir_is_the_gathered_state(fsdp_vlm_run, data, tmp_path, mod
     assert unchanged == sorted(k for k in state if k.startswith("vision."))
 
     objective = VLMObjective(make_stage(*data), model, StageContext(torch.device("cpu"), tmp_path, True))
-    batch = objective.batch(micro_batch(0, 0))
+    batch = build_batch(objective, micro_batch(0, 0))
     with torch.no_grad():
         loss = objective(batch) / objective.count(batch)
     assert math.isfinite(loss.item()) and loss.item() > 0
@@ -170,12 +170,12 @@ def test_feature_cache_gives_the_batched_tower_loss_and_is_reused(tiny_llm_dir, 
         assert all(p.grad is None for p in model.vision.parameters())  # the tower runs without gradients
         return loss.detach(), [p.grad.clone() for p in model.projector.parameters()]
 
-    batched = off.batch(indices)
+    batched = build_batch(off, indices)
     assert batched["pixel_values"].shape == (3, 3, 16, 16) and "image_keys" not in batched
     loss_off, grads_off = loss_and_grads(off, batched)
     assert calls == [3]  # one batched pass
 
-    first = on.batch(indices)
+    first = build_batch(on, indices)
     assert "pixel_values" not in first and len(first["image_keys"]) == 3
     assert list(first["new_images"]) == list(dict.fromkeys(first["image_keys"]))  # each distinct image once
     assert all(p.shape == (1, 3, 16, 16) for p in first["new_images"].values())
@@ -188,7 +188,7 @@ def test_feature_cache_gives_the_batched_tower_loss_and_is_reused(tiny_llm_dir, 
     for g_on, g_off in zip(grads_on, grads_off, strict=True):
         torch.testing.assert_close(g_on, g_off, rtol=1e-5, atol=1e-6)
 
-    again = on.batch(indices)
+    again = build_batch(on, indices)
     assert again["new_images"] == {} and again["image_keys"] == first["image_keys"]
     calls.clear()
     loss_again, grads_again = loss_and_grads(on, again)

@@ -10,10 +10,10 @@ import yaml
 from conftest import TOWERS
 from helpers import shape_image
 
+from vistune.commands.inspect import main_inspect
 from vistune.data.records import Turn
 from vistune.model.llm import load_tokenizer
 from vistune.model.template import CHATML, render
-from vistune.train.inspect import main_inspect
 
 RECORDS = [
     {"id": "r1", "image": "red.png", "split": "keep", "conversations": [

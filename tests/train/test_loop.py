@@ -13,13 +13,14 @@ import torch
 from helpers import tiny_text_dir
 from safetensors.torch import load_file
 
+from vistune.commands.train import train
 from vistune.config import Stage, config_from_dict
 from vistune.model.vlm import build_vlm
 from vistune.shapes.synth import synthesize
 from vistune.train import checkpoint as ckpt
 from vistune.train import loop
+from vistune.train.kinds import needs_unused_parameters
 from vistune.train.order import batch_indices
-from vistune.train.run import train
 from vistune.train.rundir import config_sha256
 from vistune.train.vlm import VLMObjective
 
@@ -108,8 +109,8 @@ def every_kind(world: dict, out: Path) -> dict:
     }
     contrastive = {"name": "clip", "kind": "contrastive", "train": ["vision", "projector"],
                    "data": [{"path": "train/pairs.jsonl", "image_root": "images"}],
-                   "text_tower": world["text"], "batch_size": 4, "max_steps": 3, "max_length": 32,
-                   "lr": 0.01, "chunk_size": 2}  # fmt: skip
+                   "options": {"text_tower": world["text"], "chunk_size": 2}, "batch_size": 4,
+                   "max_steps": 3, "max_length": 32, "lr": 0.01}  # fmt: skip
     cfg["stages"] = [cfg["stages"][0], classify, contrastive, {**cfg["stages"][1], "train": ["lora"]}]
     return cfg
 
@@ -193,20 +194,30 @@ def test_grad_accum_equals_big_batch(world, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-3)
 
 
-def test_two_processes_equal_one(world, tmp_path):
-    """torchrun with 2 CPU processes (gloo), batch 2 each, trains the same model as 1 process, batch 4."""
+@pytest.mark.parametrize(
+    "stages, port", [(slice(None), 29533), (slice(1, None), 29534)], ids=["scene-and-vlm", "vlm"]
+)
+def test_two_processes_equal_one(world, tmp_path, stages, port):
+    """torchrun with 2 CPU processes (gloo), batch 2 each, trains the same model as 1 process, batch 4:
+    with a scene stage (DDP looks for unused parameters) and with a vlm stage alone (it does not)."""
+
+    def cfg(out: Path, batch: int) -> dict:
+        raw = make_cfg(world, out, steps=3, batch=batch)
+        return raw | {"stages": raw["stages"][stages]}
+
+    assert needs_unused_parameters(config_from_dict(cfg(tmp_path / "x", 2)).stages) is (stages.start is None)
     # The reference runs on one thread, as each worker does: CPU kernels round differently with the
     # thread count, which is not what this test is about.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = train(config_from_dict(make_cfg(world, tmp_path / "single", steps=3, batch=4)))
+        single = train(config_from_dict(cfg(tmp_path / "single", 4)))
     finally:
         torch.set_num_threads(threads)
     cfg_path = tmp_path / "ddp.json"
-    cfg_path.write_text(json.dumps(make_cfg(world, tmp_path / "ddp", steps=3, batch=2)))
+    cfg_path.write_text(json.dumps(cfg(tmp_path / "ddp", 2)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "vistune.cli", "train", str(cfg_path)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -250,8 +261,8 @@ def test_contrastive_stage_trains_the_shared_tower(world, tmp_path):
     cfg = make_cfg(world, tmp_path / "clip", steps=2, batch=4)
     contrastive = {"name": "clip", "kind": "contrastive", "train": ["vision", "projector"],
                    "data": [{"path": "train/pairs.jsonl", "image_root": "images"}],
-                   "text_tower": world["text"], "batch_size": 4, "max_steps": 2, "max_length": 32,
-                   "lr": 0.01}  # fmt: skip
+                   "options": {"text_tower": world["text"]}, "batch_size": 4, "max_steps": 2,
+                   "max_length": 32, "lr": 0.01}  # fmt: skip
     cfg["stages"] = [contrastive, cfg["stages"][1]]
     before = build_vlm(config_from_dict(cfg).model).vision.state_dict()
     model_dir = train(config_from_dict(cfg))

@@ -83,7 +83,7 @@ def _steps_under(mode: HostReads, cfg: dict, steps: int = 2) -> None:
         pytest.param(
             ["projector", "llm"],
             "vlm",
-            {"pack": True},
+            {"options": {"pack": True}},
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="transformers reads back whether the position ids hold packed records "

@@ -17,7 +17,7 @@ from vistune.config import Stage, config_from_dict
 from vistune.model.template import IGNORE
 from vistune.model.vlm import build_vlm
 from vistune.train.conversations import Sample, collate_packed, pack_rows
-from vistune.train.objective import StageContext
+from vistune.train.objective import StageContext, build_batch
 from vistune.train.vlm import VLMObjective
 
 CPU = StageContext(torch.device("cpu"), Path("unused"))
@@ -67,7 +67,7 @@ def _objective(one_stage, data: Path, train: list[str], attn: str, **stage) -> V
 def _loss_and_grads(objective: VLMObjective, indices: list[int]) -> tuple[torch.Tensor, int, dict]:
     """The step's loss (summed over answer tokens, divided by their count, as `train_step` does), the
     count, and the gradients."""
-    batch = objective.batch(indices)
+    batch = build_batch(objective, indices)
     loss = objective(batch) / objective.count(batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
@@ -80,12 +80,12 @@ def _loss_and_grads(objective: VLMObjective, indices: list[int]) -> tuple[torch.
 )
 def test_packed_and_unpacked_give_the_same_loss_and_gradients(one_stage, mixed, train, attn):
     plain = _objective(one_stage, mixed, train, attn)  # each side builds the same seeded model
-    packed = _objective(one_stage, mixed, train, attn, pack=True, pack_length=256)
+    packed = _objective(one_stage, mixed, train, attn, options={"pack": True, "pack_length": 256})
     indices = list(range(len(plain)))
     assert len(indices) == 7
     loss_a, count_a, grads_a = _loss_and_grads(plain, indices)
     loss_b, count_b, grads_b = _loss_and_grads(packed, indices)
-    rows_a, rows_b = plain.batch(indices)["input_ids"].shape[0], packed.batch(indices)["input_ids"].shape[0]
+    rows_a, rows_b = (build_batch(o, indices)["input_ids"].shape[0] for o in (plain, packed))
     assert rows_b < rows_a == 7
     assert count_a == count_b > 0  # the normaliser: the same answer tokens
     torch.testing.assert_close(loss_b, loss_a, **TOL)
@@ -98,9 +98,9 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradients(one_stage, mixed, 
 
 def test_packing_fills_rows_and_keeps_each_record_whole(one_stage, mixed):
     plain = _objective(one_stage, mixed, ["projector"], "sdpa")
-    packed = _objective(one_stage, mixed, ["projector"], "sdpa", pack=True)  # rows of max_length (128)
+    packed = _objective(one_stage, mixed, ["projector"], "sdpa", options={"pack": True})  # rows of 128
     indices = list(range(len(plain)))
-    a, b = plain.batch(indices), packed.batch(indices)
+    a, b = build_batch(plain, indices), build_batch(packed, indices)
     assert b["input_ids"].shape[0] < a["input_ids"].shape[0] and b["input_ids"].shape[1] <= 128
     real = sum(len(plain.data[i].input_ids) for i in indices)
     padded_a, padded_b = a["input_ids"].numel() - real, b["input_ids"].numel() - real
@@ -132,8 +132,8 @@ def _find(flat: list[int], part: list[int]) -> int:
 def test_flash_attention_sees_packed_rows_as_one_row(one_stage, mixed, monkeypatch):
     """flash-attention's varlen path finds packed records only in one row: the rows are flattened, which
     (checked here under SDPA) changes nothing."""
-    objective = _objective(one_stage, mixed, ["projector", "llm"], "sdpa", pack=True)
-    batch = objective.batch(list(range(len(objective))))
+    objective = _objective(one_stage, mixed, ["projector", "llm"], "sdpa", options={"pack": True})
+    batch = build_batch(objective, list(range(len(objective))))
     with torch.no_grad():
         rows = objective(batch)
         monkeypatch.setattr(vlm_module, "is_flash_attention_requested", lambda config: True)
@@ -144,7 +144,7 @@ def test_flash_attention_sees_packed_rows_as_one_row(one_stage, mixed, monkeypat
 
 def test_a_stage_trains_the_same_packed(one_stage, mixed, tmp_path):
     """Two optimizer steps of 2 x 2 records: the same losses and weights packed as unpacked."""
-    from vistune.train.run import train
+    from vistune.commands.train import train
 
     def run(name: str, **stage) -> tuple[list[float], dict]:
         raw = one_stage(["projector", "llm"], **stage) | {"out": str(tmp_path / name)}
@@ -154,7 +154,7 @@ def test_a_stage_trains_the_same_packed(one_stage, mixed, tmp_path):
         return [r["loss"] for r in rows if "loss" in r], load_file(model / "vision_projector.safetensors")
 
     losses_a, weights_a = run("plain")
-    losses_b, weights_b = run("packed", pack=True)
+    losses_b, weights_b = run("packed", options={"pack": True})
     assert len(losses_a) == 2
     torch.testing.assert_close(losses_b, losses_a, **TOL)
     for key in weights_a:
@@ -172,11 +172,12 @@ def test_a_record_longer_than_a_row_is_named():
 
 
 def test_packing_settings_are_checked():
-    with pytest.raises(ValueError, match=r"stage 's': pack_length must be at least max_length \(128\)"):
-        Stage(name="s", pack=True, pack_length=64, max_length=128)
-    with pytest.raises(ValueError, match=r"stage 's': pack_length 256 is set but pack is false"):
-        Stage(name="s", pack_length=256)
-    with pytest.raises(ValueError, match=r"stage 's': pack packs conversations: vlm stages only"):
-        Stage(name="s", kind="scene", train=["vision"], pack=True)
-    assert Stage(name="s", pack=True, max_length=100).row_length == 100
-    assert Stage(name="s", pack=True, max_length=100, pack_length=300).row_length == 300
+    with pytest.raises(ValueError, match=r"'s': options.pack_length must be at least max_length \(128\)"):
+        Stage(name="s", options={"pack": True, "pack_length": 64}, max_length=128)
+    with pytest.raises(ValueError, match=r"stage 's': options.pack_length 256 is set but pack is false"):
+        Stage(name="s", options={"pack_length": 256})
+    with pytest.raises(ValueError, match=r"stage 's': options: unknown field\(s\) \['pack'\]"):
+        Stage(name="s", kind="scene", train=["vision"], options={"pack": True})
+    assert Stage(name="s", options={"pack": True}, max_length=100).options.row_length(100) == 100
+    packed = Stage(name="s", options={"pack": True, "pack_length": 300}, max_length=100)
+    assert packed.options.row_length(packed.max_length) == 300

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from vistune.commands.inspect import main_inspect
+from vistune.commands.start import start_config, start_model
+from vistune.commands.train import train
 from vistune.config import config_from_dict
 from vistune.model.vlm import load_vlm
-from vistune.train.inspect import main_inspect
-from vistune.train.run import train
-from vistune.train.start import start_config, start_model
 
 
 def test_a_run_starts_from_a_finished_run_and_trains_on(one_stage, tmp_path, capsys):

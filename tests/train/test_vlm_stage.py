@@ -12,7 +12,7 @@ from vistune.config import config_from_dict
 from vistune.data.images import load_image
 from vistune.model.vlm import build_vlm
 from vistune.train.conversations import collate
-from vistune.train.objective import StageContext
+from vistune.train.objective import StageContext, build_batch
 from vistune.train.vlm import VLMObjective
 
 CPU = StageContext(torch.device("cpu"), Path("unused"))
@@ -34,13 +34,13 @@ def test_right_padded_batch_needs_no_attention_mask(one_stage):
     pixels = model.vision.preprocess([load_image(p) for p in reference.pop("images")])
     with torch.no_grad():
         expected = model.loss_sum(**reference, pixel_values=pixels)  # padding masked
-        got = objective(objective.batch(indices))  # no mask, features from the cache
-    assert objective.batch(indices)["attention_mask"] is None
+        got = objective(build_batch(objective, indices))  # no mask, features from the cache
+    assert build_batch(objective, indices)["attention_mask"] is None
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(one_stage):
-    raw = one_stage(["lora"], gradient_checkpointing=True)
+    raw = one_stage(["lora"], options={"gradient_checkpointing": True})
     stage, model = _setup(raw)
     plain_model = copy.deepcopy(model)
     torch.manual_seed(1)  # the same LoRA initialisation on both
@@ -51,7 +51,7 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(one_stage):
     results = []
     for objective in (checkpointed, plain):
         objective.model.llm.train()
-        loss = objective(objective.batch([0, 1, 2]))
+        loss = objective(build_batch(objective, [0, 1, 2]))
         loss.backward()
         grads = {n: p.grad for n, p in objective.model.llm.named_parameters() if "lora_" in n}
         results.append((loss.detach(), grads))

@@ -23,9 +23,9 @@ from vistune.train.objective import StageContext, pixel_fn
 
 STEPS = 5  # past one epoch of the tiny world's 6 records (4 per step): the order wraps around
 KINDS = {
-    "vlm": (["projector", "llm"], "vlm", {"cache_features": False}),
+    "vlm": (["projector", "llm"], "vlm", {"options": {"cache_features": False}}),
     "vlm-cached": (["projector", "llm"], "vlm", {}),
-    "vlm-packed": (["vision", "projector", "llm"], "vlm", {"pack": True}),
+    "vlm-packed": (["vision", "projector", "llm"], "vlm", {"options": {"pack": True}}),
     "scene": (["vision"], "scene", {}),
     "classify": (["vision"], "classify", {}),
     "contrastive": (["vision", "projector"], "contrastive", {}),

@@ -2,7 +2,8 @@
 
 It reads the data before it loads a model, scores one task with a model or re-scores predictions
 (any tool's, against `--data`), and answers with one message and exit 2 for bad input or when every
-record failed. (`--task retrieval` and `--suite shapes` are routed elsewhere by `vistune.cli`.)
+record failed. (`--task retrieval` and the extensions' `--suite NAME` are routed elsewhere by
+`vistune.cli`.)
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vistune eval",
         description="Evaluate a trained model on a benchmark, or score predictions already made.",
-        epilog="Also: --task retrieval (recall@k of a contrastive model) and --suite shapes (every task on "
-        "the shapes world's splits); each has its own --help. Exit status: 0 scored; 2 bad input, or "
-        "every record failed; 1 an internal error (--debug shows its traceback).",
+        epilog="Also: --task retrieval (recall@k of a contrastive model) and --suite NAME (an installed "
+        "extension's suite, listed by `vistune --help`); each has its own --help. Exit status: 0 scored; "
+        "2 bad input, or every record failed; 1 an internal error (--debug shows its traceback).",
     )
     p.add_argument("model_dir", nargs="?", help="trained model directory (not with --predictions)")
     p.add_argument(
@@ -84,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Flag combinations that cannot work, refused before anything is loaded (argparse exits 2)."""
     if not a.task:
-        p.error("give --task (or --suite shapes)")
+        p.error("give --task (or --suite NAME: see `vistune --help`)")
     if a.task == "retrieval":  # normally routed by `vistune eval` before this parser sees it
         p.error("--task retrieval is handled by `vistune eval --task retrieval` (see its --help)")
     if not a.predictions and not a.model_dir:
@@ -180,7 +181,13 @@ def _main(a: argparse.Namespace) -> int:
 def _score_predictions(a, records, image_root, labels, scoring: str) -> dict:
     """--predictions: score, write predictions.jsonl, metrics.json and report.md into --out."""
     rows, metrics = rescore(
-        a.predictions, a.task, labels, not a.no_meteor, records=records, vqa_scoring=scoring, limit=a.limit,
+        a.predictions,
+        a.task,
+        labels,
+        not a.no_meteor,
+        records=records,
+        vqa_scoring=scoring,
+        limit=a.limit,
         group_by=a.group_by,
     )
     if records is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from vistune import extensions
 from vistune.data.images import load_image
 from vistune.eval.metrics import save_confusion_png
 from vistune.eval.paths import image_path
@@ -176,7 +177,8 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    """The lines of a markdown table; floats with 4 decimals, None as "-"."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
 
@@ -260,18 +262,18 @@ def _detail_tables(task: str, metrics: dict) -> list[str]:
     for key in (k for k in metrics if k.startswith("by_")):  # question and answer types, --group-by fields
         title = key[len("by_") :].replace("_", " ")
         lines += ["", f"## By {title}", ""]
-        lines += _table(
+        lines += markdown_table(
             [title, "accuracy", "n"], [(g, v["accuracy"], v["n"]) for g, v in metrics[key].items()]
         )
     if task == "pope":
         keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "invalid", "n")
         settings = [k for k, v in metrics.items() if isinstance(v, dict) and "tp" in v]
         lines += ["", "## By POPE setting", ""]
-        lines += _table(["setting", *keys], [(s, *(metrics[s][k] for k in keys)) for s in settings])
+        lines += markdown_table(["setting", *keys], [(s, *(metrics[s][k] for k in keys)) for s in settings])
     if task == "classify":
         per = metrics["per_class"]
         lines += ["", "## Per class", ""]
-        lines += _table(
+        lines += markdown_table(
             ["label", "precision", "recall", "f1", "support"],
             [(lab, v["precision"], v["recall"], v["f1"], v["support"]) for lab, v in per.items()],
         )
@@ -295,7 +297,7 @@ def write_report(
     lines += [f"- {k}: {v}" for k, v in (info or {}).items()]
     scalars = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     head = [(k, lookup(metrics, k)) for k in get_task(task).headline if "." in k]
-    lines += ["", "## Metrics", ""] + _table(["metric", "value"], head + scalars)
+    lines += ["", "## Metrics", ""] + markdown_table(["metric", "value"], head + scalars)
     if "vqa_scoring" in metrics:
         lines.append(f"\nVQA scoring: {metrics['vqa_scoring']} ({VQA_SCORING_NOTES[metrics['vqa_scoring']]})")
     for note in metrics.get("notes", []):
@@ -334,20 +336,27 @@ def suite_table(results: dict) -> str:
     for task in tasks:
         for key in get_task(task).headline:
             rows.append((task, key, *(lookup(results[s].get(task, {}), key) for s in splits)))
-    lines = _table(["task", "metric", *splits], rows)
+    lines = markdown_table(["task", "metric", *splits], rows)
     if "text" in results:  # one built-in set, the same for every split
         lines.append(f"\ntext retention set (split-independent): accuracy {results['text']['accuracy']:.4f}")
     return "\n".join(lines)
 
 
-def write_suite_report(out_dir: str | Path, results: dict, info: dict | None = None) -> Path:
-    """Top-level metrics.json and report.md comparing splits, linking each task's own report."""
+def write_suite_report(out_dir: str | Path, results: dict, suite: str, info: dict | None = None) -> Path:
+    """Top-level metrics.json and report.md of an evaluation suite, comparing its splits and linking each
+    task's own report. `suite` names a registered suite (`vistune.extensions.register_suite`): its title
+    heads the report and its report sections follow the table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "metrics.json")
-    lines = ["# Evaluation suite: shapes world", ""]
+    extensions.load_extensions()
+    part = extensions.SUITES.get(suite)
+    lines = [f"# Evaluation suite: {part.title if part else suite}", ""]
     lines += [f"- {k}: {v}" for k, v in (info or {}).items()]
-    lines += ["", suite_table(results), "", "## Per-task reports", ""]
+    lines += ["", suite_table(results)]
+    for section in extensions.REPORT_SECTIONS.get(suite, []):
+        lines += ["", *extensions.resolve(section)(results)]
+    lines += ["", "## Per-task reports", ""]
     for split, tasks in results.items():
         if split == "text":
             lines.append("- text (split-independent): [report](text/report.md)")

@@ -5,8 +5,8 @@ corrupt image, an image path leaving the image root, or a malformed record, beco
 than a crash), calls `predictor.answer` on batches, and scores the rows with the task. It refuses an
 empty record list and repeated ids (`check_records`). `run_eval` also writes predictions.jsonl,
 metrics.json, report.md and PNGs. `rescore` scores predictions without a model: a vistune
-predictions.jsonl, or any tool's {id, answer} lines against a benchmark's records. (The shapes world's
-suite, every task on its splits, is `vistune.shapes.suite`.)
+predictions.jsonl, or any tool's {id, answer} lines against a benchmark's records. (Evaluation suites,
+every task on a dataset's splits, come from extensions: `vistune eval --suite NAME`.)
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ class Task:
         """The conversation to answer (ends with a user turn)."""
         if self.name == "classify":
             if not labels:
-                raise ValueError("task 'classify' needs labels (--labels a,b,c or the shapes manifest)")
+                raise ValueError("task 'classify' needs labels (--labels a,b,c)")
             return classify_prompt(record, labels)
         return conversation_prompt(record)
 

@@ -2,7 +2,8 @@
 
 A projector is built as `factory(cfg, context)`: `cfg` is the ProjectorConfig, `context` says what it
 connects (feature widths, the tower's token grid, the LLM's word embeddings and tokenizer). Built-in:
-`linear`, `mlp2x_gelu`, `pixel_shuffle`, `resampler`. Extensions add more with `register_projector`.
+`linear`, `mlp2x_gelu`, `pixel_shuffle`, `resampler`. Extensions add more through their entry point
+(`vistune.extensions.register_projector`); `projectors` joins both.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from vistune import extensions
 from vistune.config import ProjectorConfig
-from vistune.extensions import load_extensions
 
 
 @dataclass(frozen=True)
@@ -142,18 +143,34 @@ PROJECTORS: dict[str, ProjectorFactory] = {
 BUILT_IN = frozenset(PROJECTORS)  # these take their settings from named fields, not options
 
 
-def register_projector(name: str, factory: ProjectorFactory) -> None:
-    """Add a projector under `name` (an extension's); a name cannot be taken twice by different ones."""
-    if PROJECTORS.get(name, factory) is not factory:
-        raise ValueError(f"projector {name!r} is already registered")
-    PROJECTORS[name] = factory
+def projectors() -> dict[str, extensions.ProjectorPart]:
+    """Every projector: the built-in ones and those the installed extensions add."""
+    extensions.load_extensions()
+    clash = sorted(set(PROJECTORS) & set(extensions.PROJECTORS))
+    if clash:
+        raise ValueError(f"projector(s) {clash} are built in; an extension cannot take them")
+    return {name: extensions.ProjectorPart(f) for name, f in PROJECTORS.items()} | extensions.PROJECTORS
+
+
+# Fields every saved projector config held before extension projectors took their settings from
+# `options`; the built-in projectors never read them.
+FORMER_FIELDS = ("words", "slots", "position_bins")
+
+
+def upgrade_projector(saved: dict[str, Any]) -> dict[str, Any]:
+    """A projector config saved by an earlier version, in today's form: an extension's projector brings
+    its own settings up to date (its `upgrade`); the others drop the former fields."""
+    part = projectors().get(saved.get("name"))
+    if part is not None and part.upgrade is not None:
+        return extensions.resolve(part.upgrade)(saved)
+    return {k: v for k, v in saved.items() if k not in FORMER_FIELDS}
 
 
 def build_projector(cfg: ProjectorConfig, ctx: ProjectorContext) -> nn.Module:
     """Build the projector named `cfg.name` for what `ctx` connects."""
-    load_extensions()
-    if cfg.name not in PROJECTORS:
-        raise ValueError(f"projector {cfg.name!r} is unknown; valid names: {sorted(PROJECTORS)}")
+    table = projectors()
+    if cfg.name not in table:
+        raise ValueError(f"projector {cfg.name!r} is unknown; valid names: {sorted(table)}")
     if cfg.name in BUILT_IN and set(cfg.options) - {"place_words"}:
         raise ValueError(f"projector {cfg.name!r} takes no options; got {sorted(cfg.options)}")
     if cfg.name not in BUILT_IN and cfg.position_codes:
@@ -161,4 +178,4 @@ def build_projector(cfg: ProjectorConfig, ctx: ProjectorContext) -> nn.Module:
             f"projector {cfg.name!r} reads the tower's own features; position_codes is for the built-in "
             f"projectors {sorted(BUILT_IN)}"
         )
-    return PROJECTORS[cfg.name](cfg, ctx)
+    return extensions.resolve(table[cfg.name].factory)(cfg, ctx)

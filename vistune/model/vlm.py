@@ -24,7 +24,7 @@ from transformers.utils.generic import is_flash_attention_requested
 from vistune.config import ModelConfig, config_from_dict
 from vistune.model.llm import build_llm, image_token_id, load_llm, load_tokenizer, pick_dtype
 from vistune.model.positions import GridPositions, PlaceWords
-from vistune.model.projector import ProjectorContext, build_projector
+from vistune.model.projector import ProjectorContext, build_projector, upgrade_projector
 from vistune.model.template import IGNORE
 from vistune.model.vision import VisionTower, build_vision_tower
 
@@ -262,12 +262,9 @@ def load_vlm(
 
 
 def _upgrade(model: dict) -> dict:
-    """A saved model config in today's form: dirs written before the word projectors' settings moved
-    into `projector.options` and before `vision.preprocess` existed (they squashed images) still load."""
-    projector = model.get("projector", {})
-    moved = {k: projector.pop(k) for k in ("words", "slots", "position_bins") if k in projector}
-    if projector.get("name") in ("visual_words", "object_words"):
-        moved.setdefault("shuffle_factor", projector.get("shuffle_factor", 2))
-        projector["options"] = moved | projector.get("options", {})
+    """A saved model config in today's form: an extension's projector brings its saved settings up to date
+    (`upgrade_projector`), and dirs written before `vision.preprocess` existed (they squashed) still load."""
+    if isinstance(model.get("projector"), dict):
+        model["projector"] = upgrade_projector(model["projector"])
     model.get("vision", {}).setdefault("preprocess", "squash")
     return model

@@ -7,6 +7,8 @@ pyproject.toml); the core never imports it. What it adds:
 - data: scene graphs (`scenes`), the dataset writer (`synth`, `outdir`), renderer (`render`), captions
   and questions (`questions`), POPE probes (`pope`);
 - model: the `visual_words` and `object_words` projectors (`words`);
-- train: the `scene` stage kind (`scene`);
-- the main job (`quickstart`) and the evaluation suite over its splits (`suite`).
+- train: the `scene` stage kind with its options (`scene`);
+- commands: the main job (`vistune quickstart`, `quickstart`) and `vistune data synth` (`synth`);
+- the evaluation suite over its splits (`vistune eval --suite shapes`, `suite`) and its report's
+  generalisation-gap section.
 """

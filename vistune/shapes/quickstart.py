@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vistune.commands.train import train
 from vistune.config import load_config
 from vistune.eval.loaders import load_llava
 from vistune.eval.run import run_eval
@@ -34,7 +35,6 @@ from vistune.infer.generate import load_generator
 from vistune.shapes.replay import write_replay
 from vistune.shapes.suite import SHAPES_FILES, run_suite
 from vistune.shapes.synth import synthesize
-from vistune.train.run import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # The same command on any machine: the 2-core CPU recipe, or on a CUDA device larger batches and more steps.

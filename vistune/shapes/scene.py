@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vistune.config import Stage
+from vistune.config import Augment, Stage, StageOptions
 from vistune.data.augment import augment, mirror_grid
 from vistune.data.images import load_image
 from vistune.model.vlm import VLM
@@ -32,6 +33,22 @@ ATTRIBUTES = {"color": COLORS, "shape": SHAPES, "size": SIZES}
 # object cells (what every question is about) are learned slowly.
 OBJECT_WEIGHT = 10.0
 OFFSET_WEIGHT = 10.0  # L1 on the position of the nearest object centre, in cell sides
+
+
+@dataclass
+class SceneOptions(StageOptions):
+    """`scene` stages: train-time image augmentation that keeps the cell targets true (default: none)."""
+
+    augment: Augment = field(default_factory=Augment)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            self.augment = Augment(**self.augment)
+        if self.augment.shrink:
+            raise ValueError(
+                "augment.shrink moves objects off their cells; a scene stage's targets are tied to places "
+                "(use it in classify stages)"
+            )
 
 
 def _cell(obj: dict, scene: dict, grid: tuple[int, int]) -> tuple[int, int, float, float]:
@@ -112,12 +129,7 @@ class SceneObjective(nn.Module):
         if any(d.where for d in stage.data):
             raise ValueError(f"stage {stage.name!r}: `where` filters records; scene files have none")
         self.model, self.device, self.grid = model, ctx.device, model.vision.grid
-        self.augment = stage.augment
-        if stage.augment.shrink:
-            raise ValueError(
-                f"stage {stage.name!r}: augment.shrink moves objects off their cells; a scene stage's "
-                "targets are tied to places (use it in classify stages)"
-            )
+        self.augment = stage.options.augment
         model.vision.train()  # BatchNorm learns its statistics here
         dim = model.vision.hidden_size
         self.heads = nn.ModuleDict(
@@ -153,9 +165,6 @@ class SceneObjective(nn.Module):
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return move_to(batch, self.device)
-
-    def batch(self, indices: list[int]) -> dict[str, Any]:
-        return self.to_device(self.batcher()(indices))
 
     def count(self, batch: dict[str, Any]) -> int:
         return batch["targets"].numel()

@@ -17,6 +17,7 @@ from vistune.eval import report
 from vistune.eval.command import positive_int
 from vistune.eval.loaders import load_llava
 from vistune.eval.run import Predictor, run_eval
+from vistune.eval.tasks import get_task
 from vistune.eval.text_bench import text_records
 from vistune.infer.generate import load_generator
 
@@ -85,8 +86,28 @@ def run_suite(
         results["text"] = run_eval(
             predictor, text_records()[:limit], "text", out / "text", batch_size=batch_size
         )
-    report.write_suite_report(out, results, info={"data": str(data_dir), "splits": ", ".join(splits)})
+    report.write_suite_report(
+        out, results, "shapes", info={"data": str(data_dir), "splits": ", ".join(splits)}
+    )
     return results
+
+
+def generalisation_gap(results: dict) -> list[str]:
+    """The suite report's section: how far each headline figure of the test split falls on the splits of
+    unseen colour-shape pairs (compositional) and of unseen styles and wordings (shifted)."""
+    others = [s for s in ("compositional", "shifted") if s in results]
+    if "test" not in results or not others:
+        return []
+    rows = []
+    for task, metrics in results["test"].items():
+        for key in get_task(task).headline:
+            base = report.lookup(metrics, key)
+            if not isinstance(base, (int, float)):
+                continue
+            drops = [report.lookup(results[s].get(task, {}), key) for s in others]
+            rows.append((task, key, *(base - d if isinstance(d, (int, float)) else None for d in drops)))
+    header = ["task", "metric", *(f"test - {s}" for s in others)]
+    return ["## Generalisation gap", "", *report.markdown_table(header, rows)]
 
 
 def main_suite(argv: list[str] | None = None) -> int:

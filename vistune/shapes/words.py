@@ -2,12 +2,14 @@
 
 Both take their settings from `projector.options` (`WordOptions`) and start their word vectors from the
 LLM's input embeddings of those words; the `scene` objective's heads can initialise their classifiers
-(`init_classifiers`). Registered by `vistune.shapes.register` as `visual_words` and `object_words`.
+(`init_classifiers`). Registered by `vistune.shapes.plugin.register` as `visual_words` and
+`object_words`, with `upgrade_saved` to read model dirs that an earlier version wrote.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +49,15 @@ def word_options(cfg: ProjectorConfig) -> WordOptions:
     if "words" not in cfg.options:
         raise ValueError(f"projector {cfg.name}: options.words is required: a list of word groups")
     return build_dataclass(WordOptions, cfg.options, f"projector {cfg.name}: options")
+
+
+def upgrade_saved(projector: dict[str, Any]) -> dict[str, Any]:
+    """A word projector's config saved before its settings moved into `projector.options` (they were
+    named fields beside `shuffle_factor`), in today's form."""
+    moved = {k: projector.pop(k) for k in ("words", "slots", "position_bins") if k in projector}
+    moved.setdefault("shuffle_factor", projector.get("shuffle_factor", 2))
+    projector["options"] = moved | projector.get("options", {})
+    return projector
 
 
 def _word_vector(embeddings: torch.Tensor, tokenizer: PreTrainedTokenizerBase, word: str) -> torch.Tensor:

@@ -64,17 +64,19 @@ class Run:
         return StageContext(self.accelerator.device, self.dir, self.accelerator.is_main_process)
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(find_unused_parameters: bool = True) -> Accelerator:
     """An Accelerator for this machine: bf16 autocast on GPUs that support it, gloo on CPUs.
 
-    cpu=True is what makes accelerate set up gloo when torchrun starts several CPU processes. Some
-    trainable parameters can be unused by a stage's loss (CLIP's pooler in a scene stage): DDP is told.
+    cpu=True is what makes accelerate set up gloo when torchrun starts several CPU processes.
+    `find_unused_parameters`: some trainable parameters can get no gradient from the loss of a run's
+    stages (their kinds say: `vistune.train.kinds.needs_unused_parameters`); DDP then looks for them
+    every step, which costs time, so only runs that need it ask.
     """
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed steps its optimizer inside backward and wants a DataLoader to size its batches; the
@@ -130,14 +132,16 @@ def open_run(
     overwrite: bool = False,
     config: dict | None = None,
     log_every: int = 10,
+    find_unused_parameters: bool = True,
 ) -> Run:
     """A Run writing to `run_dir`: the accelerator, the seeded RNGs and the metrics log.
 
     A fresh run into a dir holding another run stops unless `overwrite` (which removes that run's
     outputs); `resume` with a `config` that differs from the recorded one stops (see `rundir`).
+    `find_unused_parameters` is passed to DDP (`make_accelerator`).
     """
     check_run_dir(run_dir, config, resume, overwrite)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(find_unused_parameters)
     set_seed(seed)
     if accelerator.is_main_process:
         if overwrite and not resume:

@@ -1,8 +1,8 @@
 """What a training stage optimises: the `Objective` protocol that the one training loop drives.
 
-Stage kinds are a table from a stage's `kind` to the factory that builds its objective: the built-in
-ones are in `vistune.train.kinds`, extensions add theirs here with `register_objective` (the shapes
-world adds `scene`).
+Stage kinds are a table from a stage's `kind` to the factory that builds its objective, its options
+and whether DDP must look for unused parameters: the built-in ones are in `vistune.train.kinds`,
+extensions add theirs with `vistune.extensions.register_stage_kind`.
 
 An objective is an nn.Module holding a stage's data, its loss and every module that the stage's
 checkpoints must restore (the run's model, plus heads of its own). The loop (`vistune.train.loop`)
@@ -81,10 +81,6 @@ class Objective(Protocol):
         """A host micro-batch of `batcher` on the stage's device (in the training process)."""
         ...
 
-    def batch(self, indices: list[int]) -> dict[str, Any]:
-        """Both parts here: `to_device(batcher()(indices))`, the micro-batch on the stage's device."""
-        ...
-
     def count(self, batch: dict[str, Any]) -> int:
         """Loss targets in a micro-batch (answer tokens, cells, pairs, images): the normaliser."""
         ...
@@ -104,14 +100,12 @@ class Objective(Protocol):
 
 
 ObjectiveFactory = Callable[[Stage, VLM, StageContext], Objective]
-OBJECTIVES: dict[str, ObjectiveFactory] = {}  # the kinds extensions add
 
 
-def register_objective(kind: str, factory: ObjectiveFactory) -> None:
-    """Add a stage kind; a kind cannot be taken twice by different factories."""
-    if OBJECTIVES.get(kind, factory) is not factory:
-        raise ValueError(f"stage kind {kind!r} is already registered")
-    OBJECTIVES[kind] = factory
+def build_batch(objective: Objective, indices: list[int]) -> dict[str, Any]:
+    """Both parts of a micro-batch in this process: `to_device(batcher()(indices))`, on the stage's
+    device (for tests and benchmarks; the loop builds the host part ahead of time)."""
+    return objective.to_device(objective.batcher()(indices))
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -5,10 +5,10 @@ on the top `stage.lora_layers` decoder layers (the backward pass then stops belo
 merged back at the stage's end. A frozen vision tower runs in eval mode (its BatchNorm uses the running
 statistics, as at inference) and without gradients; its features are computed once per image and kept
 on the stage's device when the stage's images fit in `FEATURE_CACHE_GB` (or as
-`stage.cache_features` says). Features are computed inside `forward`, so a wrapped model (DDP, FSDP)
+`options.cache_features` says). Features are computed inside `forward`, so a wrapped model (DDP, FSDP)
 is in charge of its weights. Batches are built on the CPU (`ConversationBatcher`, in DataLoader workers
 with `stage.workers`) with everything the step needs (the answer positions, the loss-target count), so
-a step on a GPU reads nothing back to the host. With `stage.pack` a micro-batch's records share rows.
+a step on a GPU reads nothing back to the host. With `options.pack` a micro-batch's records share rows.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class ConversationBatcher:
     ) -> None:
         self.data, self.pad_id, self.pixels, self.cache = data, pad_id, pixels, cache
         self.image_token_id, self.image_tokens = image_token_id, image_tokens
-        self.row_length = row_length  # packed rows' token budget (`stage.pack`), else one record per row
+        self.row_length = row_length  # packed rows' token budget (`options.pack`), else one record per row
         self._sent: set[str] = set()  # images whose pixels this process's batcher has sent (the cache)
         self._pid = os.getpid()
 
@@ -125,7 +125,7 @@ class VLMObjective(nn.Module):
             stage.data, model.tokenizer, model.image_tokens, stage.max_length, stage.on_bad_record
         )
         self._lengths = tuple(len(s.input_ids) for s in self.data.samples)
-        if stage.gradient_checkpointing:
+        if stage.options.gradient_checkpointing:
             # non-reentrant: gradients reach LoRA adapters and image features even where the layer
             # inputs (frozen embeddings) need none
             model.llm.activation_checkpointing_enable(
@@ -134,7 +134,9 @@ class VLMObjective(nn.Module):
         self.frozen = "vision" not in stage.train
         model.vision.train(not self.frozen and not os.environ.get("EXP_FROZEN_BN"))  # EXPERIMENT
         self.cache = self.frozen and (
-            stage.cache_features if stage.cache_features is not None else self._cache_gb() <= FEATURE_CACHE_GB
+            stage.options.cache_features
+            if stage.options.cache_features is not None
+            else self._cache_gb() <= FEATURE_CACHE_GB
         )
         self._features: dict[str, torch.Tensor] = {}  # image path -> (N, D) features on the device
         self.drift = TokenDrift(model.llm.get_input_embeddings().weight, not self.frozen)
@@ -145,7 +147,7 @@ class VLMObjective(nn.Module):
             model.image_tokens,
             pixel_fn(model.vision),
             self.cache,
-            stage.row_length if stage.pack else None,
+            stage.options.row_length(stage.max_length) if stage.options.pack else None,
         )
 
     def __len__(self) -> int:
@@ -180,9 +182,6 @@ class VLMObjective(nn.Module):
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return move_to(batch, self.device)
-
-    def batch(self, indices: list[int]) -> dict[str, Any]:
-        return self.to_device(self._batcher(indices))
 
     @torch.no_grad()
     def _cached_features(self, keys: list[str], new: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,13 +12,13 @@ import dataclasses
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from vistune.commands.start import start_config
 from vistune.config import ModelConfig, load_config
 from vistune.model.llm import image_token_id, load_tokenizer
 from vistune.model.projector import ProjectorContext, build_projector
 from vistune.model.template import IGNORE
 from vistune.model.vision import build_vision_tower
 from vistune.train.conversations import ConversationData, Sample
-from vistune.train.start import start_config
 
 
 def format_sample(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -11,12 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
+from vistune.commands.start import start_model
 from vistune.config import Config, load_config
 from vistune.model.vlm import save_vlm
 from vistune.train.checkpoint import gather_state
-from vistune.train.kinds import build_objective, check_kinds
+from vistune.train.kinds import build_objective, needs_unused_parameters
 from vistune.train.loop import open_run, run_stages
-from vistune.train.start import start_model
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
@@ -26,14 +26,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     `overwrite`."""
     if not cfg.stages:
         raise ValueError("the config has no stages: nothing to train")
-    check_kinds(cfg.stages)
     for stage in cfg.stages:  # every kind learns from data; an empty list would fail later, less clearly
         if not stage.data:
             raise ValueError(
                 f"stage {stage.name!r}: data is empty; list what it trains on (data: [{{path: FILE}}])"
             )
     out, config = Path(cfg.out), cfg.to_dict()
-    run = open_run(out, cfg.seed, cfg.save_every, cfg.keep_last, resume, overwrite, config, cfg.log_every)
+    run = open_run(
+        out, cfg.seed, cfg.save_every, cfg.keep_last, resume, overwrite, config, cfg.log_every,
+        find_unused_parameters=needs_unused_parameters(cfg.stages),
+    )  # fmt: skip
     model = start_model(cfg.model)
     context = run.context()
     run_stages(cfg.stages, model, lambda stage: build_objective(stage, model, context), run, resume)
