@@ -27,7 +27,7 @@ from vistune.config import Stage
 from vistune.data.images import load_image
 from vistune.model.vlm import VLM, answer_targets, check_image_tokens
 from vistune.train.conversations import ConversationData, collate, collate_packed
-from vistune.train.drift import TokenDrift
+from vistune.train.drift import ImageDrift
 from vistune.train.objective import StageContext, move_to, pixel_fn
 
 FEATURE_CACHE_GB = 4.0  # the largest feature cache kept when a stage does not say
@@ -139,7 +139,8 @@ class VLMObjective(nn.Module):
             else self._cache_gb() <= FEATURE_CACHE_GB
         )
         self._features: dict[str, torch.Tensor] = {}  # image path -> (N, D) features on the device
-        self.drift = TokenDrift(model.llm.get_input_embeddings().weight, not self.frozen)
+        learning_tower = None if self.frozen else model.vision
+        self.drift = ImageDrift(model.llm.get_input_embeddings().weight, learning_tower)
         self._batcher = ConversationBatcher(
             self.data,
             model.tokenizer.pad_token_id,
@@ -206,15 +207,16 @@ class VLMObjective(nn.Module):
         return batch["answer_ids"].numel()  # a size, known on the host
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        batch, features = dict(batch), None
+        batch, features, pixels = dict(batch), None, None
         if "image_keys" in batch:
             features = self._cached_features(batch.pop("image_keys"), batch.pop("new_images"))
         elif "pixel_values" in batch:
+            pixels = batch.pop("pixel_values")
             with torch.no_grad() if self.frozen else nullcontext():
-                features = self.model.vision(batch.pop("pixel_values"))
+                features = self.model.vision(pixels)
         if features is not None:
             batch["image_embeds"] = self.model.project(features)
-            self.drift.add(batch["image_embeds"])
+            self.drift.add(batch["image_embeds"], pixels)
         loss = self.model.answer_loss_sum(**batch, checked=True)  # counted in `batch`
         if features is None and _distributed():
             # A micro-batch of text only leaves the tower and projector out; sharded training (FSDP)
@@ -225,7 +227,8 @@ class VLMObjective(nn.Module):
         return loss
 
     def health(self) -> tuple[dict[str, float], str | None]:
-        """The image tokens' mean norm against the LLM's words, and a warning when they drift."""
+        """The image tokens' mean norm against the LLM's words, how far a learning tower's features
+        moved, and a warning when either drifts (`vistune.train.drift`)."""
         return self.drift.read()
 
     def finish(self) -> None:
