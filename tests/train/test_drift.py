@@ -7,9 +7,9 @@ import json
 import torch
 from torch import nn
 
+from vistune.commands.train import train
 from vistune.config import config_from_dict
 from vistune.train.drift import ImageDrift
-from vistune.train.run import train
 
 
 def test_token_norms_are_read_against_the_words_and_warn_once_when_they_grow():
