@@ -127,7 +127,13 @@ def test_maps_have_the_towers_grid_for_every_projector(tiny_vlm, kind, projector
 
 
 def test_a_cls_token_is_reported_apart_and_the_model_answers_when_no_answer_is_given(tiny_vlm, tmp_path):
-    generator = _generator(tiny_vlm("clip", "linear", seed=0, ))
+    generator = _generator(
+        tiny_vlm(
+            "clip",
+            "linear",
+            seed=0,
+        )
+    )
     generator.vlm.vision.config.use_cls = True
     vlm = VLM(generator.vlm.cfg, generator.vlm.vision, generator.vlm.llm, generator.vlm.tokenizer).eval()
     generator = _generator(vlm)

@@ -41,8 +41,8 @@ from vistune.data.records import IMAGE_PLACEHOLDER, Turn
 from vistune.infer.context import context_length
 from vistune.infer.generate import Generator
 from vistune.model.preprocess import to_square
-from vistune.model.projector import MLP2xGelu, PixelShuffle
 from vistune.model.projector import Linear as LinearProjector
+from vistune.model.projector import MLP2xGelu, PixelShuffle
 
 METHODS = ("gradient", "integrated", "occlusion")
 
@@ -169,7 +169,9 @@ def token_layout(generator: Generator) -> str:
     return "pooled"
 
 
-def conversation(prompts: Sequence[str], answers: Sequence[str], images: int) -> tuple[list[Turn], str | None]:
+def conversation(
+    prompts: Sequence[str], answers: Sequence[str], images: int
+) -> tuple[list[Turn], str | None]:
     """Turns of prompts and answers taken in turn (the images go with the first prompt), and the answer
     to explain: the last of `answers` when there are as many as prompts, else None (the model answers)."""
     if not prompts or len(answers) not in (len(prompts), len(prompts) - 1):
@@ -251,7 +253,8 @@ class Explainer:
         with torch.no_grad():
             features = self.tower(pixels)
         squares = [
-            to_square(im, self.tower.config.preprocess, self.tower.image_size, self.tower.mean) for im in images
+            to_square(im, self.tower.config.preprocess, self.tower.image_size, self.tower.mean)
+            for im in images
         ]
         return Case(ids, positions, torch.tensor(target, device=device), pixels, fill, features, squares)
 
