@@ -49,11 +49,11 @@ class ShownOutput(doctest.OutputChecker):
 def test_the_docstring_example_runs(tiny_world, tiny_llm_dir, tmp_path):
     globs = _example_inputs(Path(tiny_world), Path(tiny_llm_dir), tmp_path)
     [example] = doctest.DocTestFinder(recurse=False).find(vistune, "vistune", globs=globs)
-    assert len(example.examples) == 8
+    assert len(example.examples) == 10
     runner = doctest.DocTestRunner(checker=ShownOutput(), verbose=False)
     report: list[str] = []
     runner.run(example, out=report.append)
-    assert (runner.failures, runner.tries) == (0, 8), "".join(report)
+    assert (runner.failures, runner.tries) == (0, 10), "".join(report)
     assert (tmp_path / "run" / "model" / "vistune.json").is_file()
 
 
@@ -61,7 +61,7 @@ def test_help_shows_the_api():
     text = vistune.__doc__
     for name in vistune.__all__:
         assert f"{name}(" in text and getattr(vistune, name).__doc__
-    assert set(vistune.__all__) == {"load_config", "train_model", "load_model", "chat", "evaluate"}
+    assert set(vistune.__all__) == {"load_config", "train_model", "load_model", "chat", "evaluate", "explain"}
 
 
 def test_importing_vistune_imports_no_torch():

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from vistune.config import Config
+    from vistune.infer.explain import Explanation
     from vistune.infer.generate import Generator
 
 
@@ -96,3 +97,32 @@ def evaluate(
     if out is not None:
         return run_eval(predictor, records, task, out, image_root=image_root, **options)
     return score(predictor, records, task, image_root=image_root, **options)[1]
+
+
+def explain(
+    model: Generator | str | Path,
+    prompt: str | Sequence[str],
+    images: Sequence[str | Path | Image.Image],
+    answer: str | Sequence[str] | None = None,
+    method: str = "gradient",
+    out: str | Path | None = None,
+    steps: int = 16,
+) -> Explanation:
+    """Where in the images an answer came from: a relevance map per image over the tower's grid
+    (`vistune.infer.explain`). `prompt` is a question, or a conversation's user messages in turn (the
+    images go with the first); `answer` the answer to explain (for a conversation: one per prompt), or
+    None for the model's own greedy answer (for a conversation: the answers to all but the last prompt).
+    `method` is gradient, integrated or occlusion. With `out`, writes METHOD.json and per image
+    METHOD-I.png (the overlay) and METHOD-I.npy there (as `vistune explain`)."""
+    from vistune.data.images import load_image
+    from vistune.infer.explain import Explainer, conversation
+
+    generator = load_model(model) if isinstance(model, (str, Path)) else model
+    pictures = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    answers = [] if answer is None else [answer] if isinstance(answer, str) else list(answer)
+    turns, explained = conversation(prompts, answers, len(pictures))
+    found = Explainer(generator, steps=steps).explain(turns, pictures, explained, method)
+    if out is not None:
+        found.save(out, method)
+    return found

@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vistune.commands.train:main_train", "train a model through a config's stages"),
     "chat": ("vistune.infer.session:main_chat", "talk with a model about images (or text only)"),
     "serve": ("vistune.infer.server:main_serve", "OpenAI-compatible HTTP API and web chat page"),
+    "explain": (
+        "vistune.infer.explain:main_explain",
+        "relevance maps: where in the image an answer came from",
+    ),
     "eval": ("vistune.eval.command:main_eval", "score a model on a benchmark file or suite"),
     "contrastive": (
         "vistune.commands.contrastive:main_train_contrastive",

@@ -25,6 +25,7 @@ sees (the image squared by the tower's `preprocess`); `Explanation.cell_box` giv
 
 from __future__ import annotations
 
+import argparse
 import json
 import textwrap
 import time
@@ -363,3 +364,50 @@ class Case:
     fill: torch.Tensor
     features: torch.Tensor
     squares: list[Image.Image]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vistune explain", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("model", help="a vistune model dir")
+    add("--image", action="append", default=[], required=True, help="an image of the first message")
+    add("--prompt", action="append", default=[], required=True,
+        help="a user message; repeat for a conversation (the images go with the first)")  # fmt: skip
+    add("--answer", action="append", default=[],
+        help="the answer to each prompt; as many as prompts: the last is explained, one fewer: the "
+        "model answers the last prompt and its answer is explained")  # fmt: skip
+    add("--method", action="append", choices=METHODS,
+        help=f"one of {', '.join(METHODS)}; repeat for several (default: gradient)")  # fmt: skip
+    add("--out", required=True, help="directory for METHOD.json and per image METHOD-I.png and METHOD-I.npy")
+    add("--steps", type=int, default=16, help="integrated gradients' steps (default: 16)")
+    add("--batch-size", type=int, default=16, help="rows through the model at once (default: 16)")
+    add("--max-new-tokens", type=int, default=32, help="for the model's own answer (default: 32)")
+    add("--device", help="cpu, cuda, ... (default: cuda when available)")
+    return parser
+
+
+def main_explain(argv: list[str] | None = None) -> int:
+    """`vistune explain`: relevance maps of an answer over the images, written to --out."""
+    from vistune.data.images import load_image
+    from vistune.infer.generate import load_generator
+
+    args = _parser().parse_args(argv)
+    images = [load_image(path) for path in args.image]
+    turns, answer = conversation(args.prompt, args.answer, len(images))
+    explainer = Explainer(
+        load_generator(args.model, batch_size=1, device=args.device), args.batch_size, args.steps
+    )
+    for method in args.method or ["gradient"]:
+        found = explainer.explain(turns, images, answer, method, args.max_new_tokens)
+        answer = found.answer  # the model answers once; every method explains that answer
+        found.save(args.out, method)
+        peaks = ", ".join(
+            f"image {i}: cell {found.peak(i)} at pixels {found.cell_box(i, *found.peak(i))}"
+            for i in range(len(found.maps))
+        )
+        print(
+            f"{method}: answer {found.answer!r} (log p {found.logprob:.3f}); peak {peaks}; "
+            f"{found.seconds:.2f} s"
+        )
+    print(f"wrote {args.out}")
+    return 0
