@@ -3,6 +3,7 @@ there; every tower and projector gives maps of its grid's shape; integrated grad
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -171,3 +172,24 @@ def test_bad_requests_say_what_is_wrong(tiny_vlm):
         explainer.explain([Turn("user", "Hi", 0)], [], "x")
     with pytest.raises(ValueError, match="one answer per prompt"):
         conversation(["a"], ["b", "c"], 1)
+
+
+def test_the_command_writes_overlay_grid_and_json_for_each_method(tiny_vlm, tmp_path, capsys):
+    from vistune.cli import main
+    from vistune.model.vlm import save_vlm
+
+    save_vlm(tiny_vlm("clip", "mlp2x_gelu", seed=3), tmp_path / "model")
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
+    argv = ["explain", str(tmp_path / "model"), "--image", str(tmp_path / "red.png"),
+            "--prompt", "What is it?", "--answer", "a dog", "--prompt", "And its colour?",
+            "--method", "gradient", "--method", "occlusion", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "gradient: answer" in out and "occlusion: answer" in out
+    for method in ("gradient", "occlusion"):
+        saved = json.loads((tmp_path / "out" / f"{method}.json").read_text())
+        assert saved["method"] == method and saved["generated"] and saved["maps"][0]["grid"] == [4, 4]
+        assert [t["role"] for t in saved["turns"]] == ["user", "assistant", "user"]
+        assert np.load(tmp_path / "out" / f"{method}-0.npy").shape == (4, 4)
+    first = json.loads((tmp_path / "out" / "gradient.json").read_text())["answer"]
+    assert json.loads((tmp_path / "out" / "occlusion.json").read_text())["answer"] == first  # one answer

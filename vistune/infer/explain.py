@@ -397,9 +397,10 @@ def main_explain(argv: list[str] | None = None) -> int:
     explainer = Explainer(
         load_generator(args.model, batch_size=1, device=args.device), args.batch_size, args.steps
     )
+    generated = answer is None
     for method in args.method or ["gradient"]:
         found = explainer.explain(turns, images, answer, method, args.max_new_tokens)
-        answer = found.answer  # the model answers once; every method explains that answer
+        answer, found.generated = found.answer, generated  # the model answers once, for every method
         found.save(args.out, method)
         peaks = ", ".join(
             f"image {i}: cell {found.peak(i)} at pixels {found.cell_box(i, *found.peak(i))}"
