@@ -27,10 +27,12 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from vistune.data.records import Turn
 from vistune.infer.api import (
     APIError,
     ChatRequest,
     ImageRef,
+    TextPart,
     check_request,
     parse_request,
     requested_max_tokens,
@@ -85,6 +87,7 @@ class ServeConfig:
     max_queue: int = 128
     feature_cache_bytes: int = 256 * MB
     prefix_cache_bytes: int = 256 * MB  # conversations' keys and values, reused by follow-ups; 0: off
+    explain: bool = False  # serve POST /v1/explain (relevance maps; one at a time): off unless asked for
     prepare_threads: int = 4  # requests parsed, decoded and rendered at the same time
     # A request refused for a size limit is answered after this pause: a client that repeats it at once
     # sends one a second, and the pause costs the server nothing (0: answered at once).
@@ -182,15 +185,39 @@ class Engine:
         """Parse a request body (message count and text size capped first) and prepare it; in a worker."""
         return self.prepare(parse_request(body, content_type, self.config.max_messages, self.max_chars))
 
-    def prepare(self, req: ChatRequest) -> Prepared:
-        """Check the request against the limits, load its images, render its prompt (in a thread)."""
+    def prepare_explain(
+        self, body: bytes, content_type: str | None
+    ) -> tuple[Prepared, list[Turn], str | None]:
+        """A `/v1/explain` body: a chat request whose last message may be the assistant's answer to explain.
+        Checked against the same limits as chat; its images are decoded whatever the feature cache
+        holds (their pixels are what is mapped). Returns the prepared request, its turns (up to the
+        question) and the answer (None: the model answers)."""
+        req = parse_request(body, content_type, self.config.max_messages, self.max_chars)
+        if req.stream:
+            raise APIError(400, "an explanation is not streamed: leave stream out", "stream")
+        answer, last = None, req.messages[-1]
+        if last.role == "assistant":
+            answer = (
+                last.content
+                if isinstance(last.content, str)
+                else "\n".join(p.text for p in last.content if isinstance(p, TextPart))
+            )
+            req = req.model_copy(update={"messages": req.messages[:-1]})
+            if not req.messages:
+                raise APIError(400, "the answer to explain needs the user message it answers", "messages")
+        prepared = self.prepare(req, cached=False)
+        return prepared, to_turns(req.messages)[0], answer
+
+    def prepare(self, req: ChatRequest, cached: bool = True) -> Prepared:
+        """Check the request against the limits, load its images, render its prompt (in a thread).
+        `cached`: images whose features the cache holds are not decoded (their pixels are not needed)."""
         check_request(req, self.config.model_name)
         self._check_text(req)
         turns, refs = to_turns(req.messages)
         self._check_image_count(refs)
         lease = self.memory.lease()
         try:
-            images = self._images(refs, lease)
+            images = self._images(refs, lease, cached)
             try:
                 with self.tokenizers.borrow() as tokenizer:
                     prompt = self.generator.prompt_ids(turns, len(refs), tokenizer)
@@ -229,19 +256,19 @@ class Engine:
             message = f"{len(refs)} images in one request, over this server's limit of {limit} (--max-images)"
             raise APIError(400, message, refs[limit].param, "too_many_images")
 
-    def _images(self, refs: list[ImageRef], lease: Lease) -> list[ImageItem]:
+    def _images(self, refs: list[ImageRef], lease: Lease, cached: bool = True) -> list[ImageItem]:
         """The request's images, one after another; a decode slot, once taken, is kept until the last."""
         slot: list[bool] = []
         try:
-            return [self._image(ref, lease, slot) for ref in refs]
+            return [self._image(ref, lease, slot, cached) for ref in refs]
         finally:
             if slot:
                 self.large_decodes.give()
 
-    def _image(self, ref: ImageRef, lease: Lease, slot: list[bool]) -> ImageItem:
+    def _image(self, ref: ImageRef, lease: Lease, slot: list[bool], cached: bool = True) -> ImageItem:
         data = image_bytes(ref.url, ref.param, self.limits)
         key = hashlib.sha256(data).hexdigest()
-        features = self.cache.get(key)
+        features = self.cache.get(key) if cached else None
         if features is not None:  # seen before: neither decoded nor encoded again
             return ImageItem(key, features=features)
         reserved = {"n": 0}

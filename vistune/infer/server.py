@@ -1,7 +1,8 @@
 """`vistune serve MODEL`: an OpenAI-compatible HTTP API that takes images, and a web chat page.
 
 Routes: `POST /v1/chat/completions` (a JSON reply, or server-sent events in OpenAI's chunk format with
-`stream: true`, ending with `data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` and
+`stream: true`, ending with `data: [DONE]`), `POST /v1/explain` (only with `--explain`: relevance maps of
+an answer, `vistune.infer.explain`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` and
 the chat page at `/`. Requests that arrive together are batched (`vistune.infer.scheduler`).
 
 Safe by default: binds 127.0.0.1 (the port is bound before the model loads, so a port in use is said at
@@ -24,9 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import copy
 import ctypes
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +37,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -41,9 +45,11 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from vistune.data.records import Turn
 from vistune.infer.api import APIError, chunk, completion, new_id, usage
 from vistune.infer.decoding import Delta, Done, Event, Failed, Job
 from vistune.infer.engine import MB, Engine, Prepared, ServeConfig
+from vistune.infer.explain import METHODS, Explainer
 from vistune.infer.generate import Generator
 from vistune.infer.guards import (
     BodyLimit,
@@ -87,7 +93,8 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     async def health() -> dict:
         s = engine.scheduler
         return {"status": "ok", "model": config.model_name, "images": engine.takes_images,
-                "queued": s.queued, "running": s.running}  # fmt: skip
+                "explain": config.explain and engine.takes_images, "queued": s.queued,
+                "running": s.running}  # fmt: skip
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorizer(config.api_key))])
     model_card = {
@@ -110,6 +117,13 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat(request: Request) -> Response:
         return await _chat(engine, request)
+
+    if config.explain and engine.takes_images:
+        explaining = _Explaining(generator)
+
+        @v1.post("/explain")
+        async def explain(request: Request, method: str = "gradient") -> Response:
+            return await _explain(engine, explaining, request, method)
 
     app.include_router(v1)
     return app
@@ -161,6 +175,68 @@ async def _chat(engine: Engine, request: Request) -> Response:
         return await _whole(events, job, reply, request, prepared)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return _Stream(_sse(events, job, reply, prepared), job, prepared, headers)
+
+
+class _Explaining:
+    """What `/v1/explain` computes with: an explainer on the served model (with a tokenizer of its own:
+    the scheduler's is not shared), one thread, and the one slot an explanation holds while computed."""
+
+    def __init__(self, generator: Generator):
+        own = Generator(generator.llm, copy.deepcopy(generator.tokenizer), generator.vlm, batch_size=1)
+        self.explainer = Explainer(own)
+        self.thread = ThreadPoolExecutor(1, "vistune-explain")
+        self.busy = False  # read and set on the event loop only
+
+    def run(self, turns: list[Turn], images: list, answer: str | None, method: str, max_tokens: int) -> dict:
+        """The explanation as the reply's JSON (overlays as PNG data URIs), in the explain thread."""
+        try:
+            found = self.explainer.explain(turns, images, answer, method, max_tokens)
+        except ValueError as err:  # no image, an empty answer, over the context
+            raise APIError(400, f"messages: {err}", "messages") from None
+        body = found.to_json()
+        for i, entry in enumerate(body["maps"]):
+            png = io.BytesIO()
+            found.overlay(i).savefig(png, format="png", dpi=80)
+            entry["overlay"] = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        return body
+
+
+async def _explain(engine: Engine, explaining: _Explaining, request: Request, method: str) -> Response:
+    """`POST /v1/explain`: a chat request (the same key and limits), its answer mapped over its images.
+
+    The last message may be the assistant's answer to explain; otherwise the model answers (greedy, at
+    most `max_tokens`, 64 by default). `?method=` gradient (default), integrated or occlusion. One
+    explanation is computed at a time: another meanwhile is answered 429."""
+    if method not in METHODS:
+        raise APIError(400, f"method {method!r} is not one of {list(METHODS)}", "method")
+    body = b"".join([part async for part in request.stream()])
+    work = asyncio.get_running_loop().run_in_executor(
+        engine.workers, engine.prepare_explain, body, request.headers.get("content-type")
+    )
+    del body
+    try:
+        prepared, turns, answer = await work
+    except APIError as err:
+        if err.code in SIZE_LIMITS:
+            await asyncio.sleep(engine.config.refusal_delay_s)
+        raise
+    try:
+        if explaining.busy:
+            raise APIError(429, "an explanation is being computed; this server computes one at a time",
+                           code="explain_busy", headers={"Retry-After": "1"})  # fmt: skip
+        explaining.busy = True
+        try:
+            images = [item.image for item in prepared.images]
+            max_tokens = min(prepared.max_tokens, 64) if answer is None else prepared.max_tokens
+            reply = await asyncio.get_running_loop().run_in_executor(
+                explaining.thread, explaining.run, turns, images, answer, method, max_tokens
+            )
+        finally:
+            explaining.busy = False
+    finally:
+        prepared.lease.release()
+    log.info("explain: %d image(s), %s, %.2f s", len(images), method, reply["seconds"])
+    return JSONResponse({"object": "explanation", "model": engine.config.model_name} | reply)
 
 
 class _Stream(StreamingResponse):
@@ -337,6 +413,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--prefix-cache-mb", type=float, default=256.0,
         help="conversations' keys and values, reused by follow-ups (default: 256; 0: off)")  # fmt: skip
     add("--allow-remote-images", action="store_true", help="fetch http(s) image URLs, public addresses only")
+    add("--explain", action="store_true",
+        help="serve POST /v1/explain: answers' relevance maps (key and limits as chat)")  # fmt: skip
     add("--fetch-timeout", type=float, default=10.0, help="seconds per remote image (default: 10)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -364,7 +442,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_prompt_tokens=args.max_prompt_tokens, allow_remote_images=args.allow_remote_images,
         fetch_timeout_s=args.fetch_timeout, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
         max_queue=args.max_queue, feature_cache_bytes=int(args.feature_cache_mb * MB),
-        prefix_cache_bytes=int(args.prefix_cache_mb * MB),
+        prefix_cache_bytes=int(args.prefix_cache_mb * MB), explain=args.explain,
     )  # fmt: skip
 
 
