@@ -95,3 +95,47 @@ def _answer(browser, wait, n: int) -> dict:
     done = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']")[n - 1 :])[0]
     text = browser.execute_script("return arguments[0].firstChild.textContent", done)
     return {"text": text, "chunks": int(done.get_attribute("data-chunks"))}
+
+
+def test_why_shows_the_map_of_an_answer_over_its_image(browser, gen, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), RED).save(picture)
+    wait = WebDriverWait(browser, 60)
+    with running(create_app(gen, ServeConfig(model_name="tiny", api_key=KEY, explain=True))) as url:
+        browser.get(url)
+        wait.until(lambda d: "images and text" in d.find_element(By.ID, "model").text)
+        _set(browser, "key", KEY)
+        browser.find_element(By.ID, "file").send_keys(str(picture))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#pending img"))
+        _set(browser, "maxTokens", "4")
+        browser.find_element(By.ID, "prompt").send_keys("What colour is this?")
+        browser.find_element(By.ID, "send").click()
+        answer = _answer(browser, wait, 1)
+        assert answer["text"]
+        browser.find_element(By.CSS_SELECTOR, ".msg.assistant button.why").click()
+        shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .why-map img"))
+        assert shown[0].get_attribute("src").startswith("data:image/png;base64,")
+        assert browser.execute_script("return arguments[0].naturalWidth", shown[0]) > 100  # the overlay drew
+        assert not browser.find_elements(By.ID, "error") or not browser.find_element(By.ID, "error").text
+
+
+def test_without_explain_there_is_no_why_button(browser, gen, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), RED).save(picture)
+    wait = WebDriverWait(browser, 60)
+    with running(create_app(gen, ServeConfig(model_name="tiny"))) as url:
+        browser.get(url)
+        wait.until(lambda d: "images and text" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(picture))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#pending img"))
+        _set(browser, "maxTokens", "4")
+        browser.find_element(By.ID, "prompt").send_keys("What colour is this?")
+        browser.find_element(By.ID, "send").click()
+        assert _answer(browser, wait, 1)["text"]
+        assert not browser.find_elements(By.CSS_SELECTOR, "button.why")
