@@ -15,11 +15,13 @@ from pathlib import Path
 
 from vistune.data.records import Record
 from vistune.eval import report
+from vistune.eval.explained import explain_answers
 from vistune.eval.loaders import FORMATS, load_eval_records
 from vistune.eval.metrics import VQA_SCORING
 from vistune.eval.run import Predictor, check_records, rescore, run_eval
 from vistune.eval.tasks import TASKS
 from vistune.eval.text_bench import retention, text_records
+from vistune.infer.explain import METHODS
 from vistune.infer.generate import load_generator
 from vistune.model.vlm import MODEL_FILE
 
@@ -78,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FIELD",
         help="also report the score by this field of the records (e.g. question_type, source); repeatable",
     )
+    p.add_argument(
+        "--explain",
+        type=positive_int,
+        metavar="N",
+        help="also map where in the image the answers of N sampled records came from (into the report)",
+    )
+    p.add_argument(
+        "--explain-method", choices=METHODS, default="gradient", help="with --explain (default: gradient)"
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
@@ -102,6 +113,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--base only applies to --task text")
     if a.vqa_scoring and a.task != "vqa":
         p.error("--vqa-scoring only applies to --task vqa")
+    if a.explain and (a.predictions or a.task == "text"):
+        p.error("--explain maps a model's answers over images: give MODEL_DIR and an image task")
     if a.image_root and not Path(a.image_root).is_dir():
         p.error(f"--image-root {a.image_root}: no such directory")
     if Path(a.out).exists() and not Path(a.out).is_dir():
@@ -174,6 +187,11 @@ def _main(a: argparse.Namespace) -> int:
     else:
         predictor = _load_model(a.model_dir, a.task, a.batch_size)
         metrics = _run_task(a, predictor, records, image_root, labels, scoring)
+        if a.explain:
+            found = explain_answers(
+                predictor, records, a.task, a.out, a.explain, image_root, a.explain_method, labels
+            )
+            print(f"mapped {len(found)} answers into {Path(a.out) / 'explain'} (listed in report.md)")
     print(json.dumps(_brief(metrics), indent=2, default=float))
     return _exit_status(metrics, a.out)
 
