@@ -9,7 +9,8 @@ one object; `--per-type` of each type, the first in file order. For each, the mo
 (or `--answer truth`: the right one) is explained by each method, and:
 
 - pointing game: the map's most relevant cell overlaps the asked object's box (its circumcircle's square
-  from the scene graph): "hit"; "centre": the cell's centre lies inside the box (stricter);
+  from the scene graph): "hit"; "centre": the cell's centre lies inside the box (stricter); "|hit|": the
+  cell of the largest magnitude, support or not, overlaps it;
 - deletion curve: the image's cells are filled with its median colour, most relevant first, in
   `--points` steps; P(answer) after each; against the same with the cells in a random order. The areas
   under the curves (fraction of cells 0..1) and their difference, random minus the map's ("between";
@@ -62,7 +63,11 @@ def object_box(obj: dict, scene: dict, side: int) -> tuple[float, float, float, 
 def pointing(grid: np.ndarray, box: tuple[float, float, float, float], side: int) -> tuple[bool, bool]:
     """(the peak cell overlaps the box, the peak cell's centre lies in it)."""
     row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    x0, y0, x1, y1 = cell_box(side, grid.shape, int(row), int(col))
+    return _in_box(int(row), int(col), grid.shape, box, side)
+
+
+def _in_box(row: int, col: int, grid: tuple[int, int], box: tuple, side: int) -> tuple[bool, bool]:
+    x0, y0, x1, y1 = cell_box(side, grid, row, col)
     overlap = x0 < box[2] and box[0] < x1 and y0 < box[3] and box[1] < y1
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     return bool(overlap), bool(box[0] <= cx <= box[2] and box[1] <= cy <= box[3])
@@ -110,16 +115,19 @@ def measure(explainer: Explainer, item: tuple, image_root: Path, args: argparse.
         found = explainer.explain(turns, [image], answer, method)
         cpu = time.process_time() - cpu
         hit, centre = pointing(found.maps[0], box, side)
+        magnitude, _ = pointing(np.abs(found.maps[0]), box, side)
         curve = explainer.deletion_curve(case, found.maps[0], points=args.points)
-        row[method] = {"hit": hit, "centre": centre, "seconds": found.seconds, "cpu_seconds": cpu,
-                       "peak": list(found.peak(0)), "curve": curve.tolist()}  # fmt: skip
+        row[method] = {"hit": hit, "centre": centre, "abs_hit": magnitude, "seconds": found.seconds,
+                       "cpu_seconds": cpu, "peak": list(found.peak(0)), "curve": curve.tolist(),
+                       "map": np.round(found.maps[0], 5).tolist()}  # fmt: skip
     return row
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
     """Per method and question type: pointing (hit, centre), deletion areas, seconds per map."""
     lines = [
-        f"{'method':<11} {'type':<7} {'n':>3} {'acc':>5} {'hit':>5} {'centre':>6} {'auc':>6} {'random':>6} "
+        f"{'method':<11} {'type':<7} {'n':>3} {'acc':>5} {'hit':>5} {'centre':>6} {'|hit|':>5} {'auc':>6} "
+        f"{'random':>6} "
         f"{'between':>7} {'s/map':>6} {'cpu s':>6}"
     ]
     for method in methods:
@@ -132,7 +140,9 @@ def table(rows: list[dict], methods: list[str]) -> str:
             lines.append(
                 f"{method:<11} {qtype:<7} {len(group):>3} {np.mean([r['correct'] for r in group]):>5.2f} "
                 f"{np.mean([r[method]['hit'] for r in group]):>5.2f} "
-                f"{np.mean([r[method]['centre'] for r in group]):>6.2f} {auc:>6.3f} {rand:>6.3f} "
+                f"{np.mean([r[method]['centre'] for r in group]):>6.2f} "
+                f"{np.mean([r[method].get('abs_hit', np.nan) for r in group]):>5.2f} "
+                f"{auc:>6.3f} {rand:>6.3f} "
                 f"{rand - auc:>7.3f} {np.mean([r[method]['seconds'] for r in group]):>6.2f} "
                 f"{np.mean([r[method]['cpu_seconds'] for r in group]):>6.2f}"
             )

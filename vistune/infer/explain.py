@@ -116,8 +116,8 @@ class Explanation:
             ],
         }
 
-    def overlay(self, image: int = 0, size: float = 4.0) -> Figure:
-        """The image's square with the map over it (red supports the answer, blue speaks against it),
+    def overlay(self, image: int = 0, size: float = 3.0) -> Figure:
+        """The image's square beside the map over it (red supports the answer, blue speaks against it),
         the question and the answer in the title."""
         return overlay(self.squares[image], self.maps[image], self.question, self.answer, self.method, size)
 
@@ -141,21 +141,25 @@ def cell_box(side: int, grid: tuple[int, int], row: int, col: int) -> tuple[int,
 
 
 def overlay(
-    square: Image.Image, grid: np.ndarray, question: str, answer: str, method: str, size: float = 4.0
+    square: Image.Image, grid: np.ndarray, question: str, answer: str, method: str, size: float = 3.0
 ) -> Figure:
-    """A figure of `square` with `grid` stretched over it (matplotlib's object API: no global backend)."""
-    fig = Figure(figsize=(size, size + 0.9))
-    ax = fig.add_axes((0.04, 0.02, 0.92, 0.92 * size / (size + 0.9)))
+    """A figure of `square` (left) and the map over it in grey (right: red supports the answer, blue
+    speaks against it), the question and the answer in the title (matplotlib's object API)."""
+    fig = Figure(figsize=(2 * size, size + 0.6))
     side = square.size[0]
-    ax.imshow(np.asarray(square.convert("RGB")), extent=(0, side, side, 0))
+    extent = (0, side, side, 0)
+    left = fig.add_axes((0.01, 0.01, 0.48, size / (size + 0.6) - 0.02))
+    right = fig.add_axes((0.51, 0.01, 0.48, size / (size + 0.6) - 0.02))
+    left.imshow(np.asarray(square.convert("RGB")), extent=extent)
+    right.imshow(np.asarray(square.convert("L")), cmap="gray", vmin=0, vmax=255, extent=extent)
     peak = float(np.abs(grid).max()) or 1.0
-    ax.imshow(grid, cmap="RdBu_r", vmin=-peak, vmax=peak, alpha=0.55, extent=(0, side, side, 0),
-              interpolation="nearest")  # fmt: skip
-    ax.set_axis_off()
+    right.imshow(grid, cmap="bwr", vmin=-peak, vmax=peak, alpha=0.6, extent=extent, interpolation="nearest")
+    for ax in (left, right):
+        ax.set_axis_off()
     title = f"Q: {question}\nA: {answer}   ({method})"
     # parse_math=False: "$" in a question or answer must not be read as matplotlib's maths markup
-    fig.suptitle("\n".join(textwrap.shorten(line, 60) for line in title.splitlines()), fontsize=9,
-                 y=0.99, va="top", parse_math=False)  # fmt: skip
+    fig.suptitle("\n".join(textwrap.shorten(line, 70) for line in title.splitlines()), fontsize=9,
+                 y=0.995, va="top", parse_math=False)  # fmt: skip
     return fig
 
 
