@@ -144,3 +144,29 @@ def _noisy(body: dict) -> bytes:
 def test_an_unknown_method_is_refused(url):
     status, body = _post(url, _body(user("Hi?", image_part(RED))), path="/v1/explain?method=saliency")
     assert status == 400 and "method 'saliency' is not one of" in body["error"]["message"]
+
+
+def test_one_explanation_at_a_time(gen):
+    import threading
+
+    app = create_app(gen, ServeConfig(model_name=NAME, explain=True))
+    started, release = threading.Event(), threading.Event()
+    real = app.state.explaining.run
+
+    def slow(*args):
+        started.set()
+        release.wait(30)
+        return real(*args)
+
+    app.state.explaining.run = slow
+    body = _body(user("What colour?", image_part(RED)), {"role": "assistant", "content": "red"})
+    with running(app) as base:
+        first: dict = {}
+        thread = threading.Thread(target=lambda: first.update(reply=_post(base, body, key=None)))
+        thread.start()
+        assert started.wait(30)
+        status, reply = _post(base, body, key=None)
+        release.set()
+        thread.join(60)
+    assert status == 429 and reply["error"]["code"] == "explain_busy"
+    assert first["reply"][0] == 200 and first["reply"][1]["answer"] == "red"

@@ -119,7 +119,7 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
         return await _chat(engine, request)
 
     if config.explain and engine.takes_images:
-        explaining = _Explaining(generator)
+        explaining = app.state.explaining = _Explaining(generator)
 
         @v1.post("/explain")
         async def explain(request: Request, method: str = "gradient") -> Response:
