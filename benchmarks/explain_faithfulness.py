@@ -178,10 +178,10 @@ def main() -> None:
     for k, item in enumerate(items, 1):
         rows.append(measure(explainer, item, data_dir / "images", args, rng))
         print(f"[{k}/{len(items)}] {rows[-1]['id']} {rows[-1]['type']}: {rows[-1]['answer']!r}", flush=True)
+        if args.json:  # after every record: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
     text = table(rows, args.methods)
     print(f"\n{len(rows)} questions; torch threads {torch.get_num_threads()}; answers: {args.answer}\n{text}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
