@@ -12,9 +12,9 @@ one object; `--per-type` of each type, the first in file order. For each, the mo
   from the scene graph): "hit"; "centre": the cell's centre lies inside the box (stricter); "|hit|": the
   cell of the largest magnitude, support or not, overlaps it;
 - deletion curve: the image's cells are filled with its median colour, most relevant first, in
-  `--points` steps; P(answer) after each; against the same with the cells in a random order. The areas
-  under the curves (fraction of cells 0..1) and their difference, random minus the map's ("between";
-  positive: the answer's probability falls faster than at random);
+  `--points` steps; P(answer) after each, relative to before; against the same with the cells in a
+  random order. The areas under the curves (fraction of cells 0..1) and their difference, random minus
+  the map's ("between"; positive: the answer's probability falls faster than at random);
 - cost: seconds per map (wall clock, and the process's CPU seconds), with the torch thread count.
 
 Prints one table per method and question type, and writes everything (per record too) to `--json`.
@@ -74,8 +74,9 @@ def _in_box(row: int, col: int, grid: tuple[int, int], box: tuple, side: int) ->
 
 
 def area(curve: np.ndarray) -> float:
-    """The area under a deletion curve over the fraction of cells filled (0..1), trapezoids."""
-    return float(np.trapezoid(curve, dx=1.0 / (len(curve) - 1)))
+    """The area under a deletion curve, relative to its start (P(answer) after filling / before), over
+    the fraction of cells filled (0..1), trapezoids: 1 when filling never lowers the probability."""
+    return float(np.trapezoid(curve / curve[0], dx=1.0 / (len(curve) - 1)))
 
 
 def select(data_dir: Path, per_type: int) -> list[tuple[dict, dict, dict]]:

@@ -26,9 +26,11 @@ sees (the image squared by the tower's `preprocess`); `Explanation.cell_box` giv
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import textwrap
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,9 +131,16 @@ class Explanation:
         written[0].write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
         for i, grid in enumerate(self.maps):
             np.save(out / f"{stem}-{i}.npy", grid)
-            self.overlay(i).savefig(out / f"{stem}-{i}.png", dpi=80)
+            save_png(self.overlay(i), out / f"{stem}-{i}.png")
             written += [out / f"{stem}-{i}.png", out / f"{stem}-{i}.npy"]
         return written
+
+
+def save_png(fig: Figure, target: str | Path | io.BytesIO) -> None:
+    """Write a figure as PNG; characters the font lacks (an answer in another script) draw as boxes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(target, format="png", dpi=80)
 
 
 def cell_box(side: int, grid: tuple[int, int], row: int, col: int) -> tuple[int, int, int, int]:

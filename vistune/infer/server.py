@@ -49,7 +49,7 @@ from vistune.data.records import Turn
 from vistune.infer.api import APIError, chunk, completion, new_id, usage
 from vistune.infer.decoding import Delta, Done, Event, Failed, Job
 from vistune.infer.engine import MB, Engine, Prepared, ServeConfig
-from vistune.infer.explain import METHODS, Explainer
+from vistune.infer.explain import METHODS, Explainer, save_png
 from vistune.infer.generate import Generator
 from vistune.infer.guards import (
     BodyLimit,
@@ -196,7 +196,7 @@ class _Explaining:
         body = found.to_json()
         for i, entry in enumerate(body["maps"]):
             png = io.BytesIO()
-            found.overlay(i).savefig(png, format="png", dpi=80)
+            save_png(found.overlay(i), png)
             entry["overlay"] = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
         return body
 
