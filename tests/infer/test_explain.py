@@ -193,3 +193,11 @@ def test_the_command_writes_overlay_grid_and_json_for_each_method(tiny_vlm, tmp_
         assert np.load(tmp_path / "out" / f"{method}-0.npy").shape == (4, 4)
     first = json.loads((tmp_path / "out" / "gradient.json").read_text())["answer"]
     assert json.loads((tmp_path / "out" / "occlusion.json").read_text())["answer"] == first  # one answer
+
+
+def test_the_command_refuses_what_is_not_a_model_dir(tmp_path, capsys):
+    from vistune.cli import main
+
+    argv = ["explain", str(tmp_path), "--image", "x.png", "--prompt", "Hi?", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "not a vistune model dir" in capsys.readouterr().err

@@ -46,6 +46,7 @@ from vistune.infer.generate import Generator
 from vistune.model.preprocess import to_square
 from vistune.model.projector import Linear as LinearProjector
 from vistune.model.projector import MLP2xGelu, PixelShuffle
+from vistune.model.vlm import MODEL_FILE
 
 METHODS = ("gradient", "integrated", "occlusion")
 
@@ -405,6 +406,10 @@ def main_explain(argv: list[str] | None = None) -> int:
     from vistune.infer.generate import load_generator
 
     args = _parser().parse_args(argv)
+    if not (Path(args.model) / MODEL_FILE).is_file():
+        raise ValueError(
+            f"{args.model}: not a vistune model dir (no {MODEL_FILE}); explain needs one that reads images"
+        )
     images = [load_image(path) for path in args.image]
     turns, answer = conversation(args.prompt, args.answer, len(images))
     explainer = Explainer(
