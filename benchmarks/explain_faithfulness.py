@@ -79,19 +79,20 @@ def area(curve: np.ndarray) -> float:
     return float(np.trapezoid(curve / curve[0], dx=1.0 / (len(curve) - 1)))
 
 
-def select(data_dir: Path, per_type: int) -> list[tuple[dict, dict, dict]]:
-    """(record, scene, asked object) for the first `per_type` single-object questions of each type."""
+def select(data_dir: Path, per_type: int, skip: int = 0) -> list[tuple[dict, dict, dict]]:
+    """(record, scene, asked object) for the first `per_type` single-object questions of each type, after
+    the first `skip` of each (to measure more in another run)."""
     records = json.loads((data_dir / "test" / "vqa.json").read_text(encoding="utf-8"))
     scenes = {s["image"]: s for s in load_scenes(data_dir / "scenes" / "test.jsonl")}
     taken: dict[str, list] = defaultdict(list)
     for record in records:
         qtype, scene = record.get("question_type"), scenes.get(record["image"])
-        if qtype not in TYPES or scene is None or len(taken[qtype]) >= per_type:
+        if qtype not in TYPES or scene is None or len(taken[qtype]) >= skip + per_type:
             continue
         obj = asked_object(record, scene)
         if obj is not None and (qtype != "exists" or record["answer"] == "yes"):
             taken[qtype].append((record, scene, obj))
-    return [item for qtype in TYPES for item in taken[qtype]]
+    return [item for qtype in TYPES for item in taken[qtype][skip:]]
 
 
 def measure(explainer: Explainer, item: tuple, image_root: Path, args: argparse.Namespace, rng) -> dict:
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("data_dir")
     parser.add_argument("--per-type", type=int, default=25, help="questions per type (default: 25)")
+    parser.add_argument("--skip", type=int, default=0, help="of each type, after the first SKIP (default: 0)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
     parser.add_argument(
         "--answer", choices=["model", "truth"], default="model", help="which answer to explain"
@@ -173,7 +175,7 @@ def main() -> None:
         parser.error(f"--methods: {unknown} are not among {list(METHODS)}")
     data_dir = Path(args.data_dir)
     explainer = Explainer(load_generator(args.model, batch_size=1, device="cpu"), args.batch_size, args.steps)
-    items = select(data_dir, args.per_type)
+    items = select(data_dir, args.per_type, args.skip)
     rng = np.random.default_rng(args.seed)
     rows = []
     for k, item in enumerate(items, 1):
