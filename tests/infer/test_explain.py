@@ -201,3 +201,21 @@ def test_the_command_refuses_what_is_not_a_model_dir(tmp_path, capsys):
     argv = ["explain", str(tmp_path), "--image", "x.png", "--prompt", "Hi?", "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "not a vistune model dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("projector", ["object_words", "visual_words"])
+def test_an_extensions_projector_is_mapped_through_the_towers_grid(tiny_model_config, projector):
+    from vistune.model.vlm import build_vlm
+
+    cfg = tiny_model_config("clip", projector)
+    cfg.projector.options = {"words": [["small", "large"], ["red", "blue"]], "slots": 2}
+    torch.manual_seed(0)
+    generator = _generator(build_vlm(cfg).eval())
+    explainer = Explainer(generator, batch_size=8, steps=4)
+    image = Image.new("RGB", (16, 16), "white")
+    ImageDraw.Draw(image).rectangle((1, 1, 6, 6), fill=(220, 20, 20))
+    turns = [Turn("user", "<image>\nWhat colour is it?", 1)]
+    for method in METHODS:
+        found = explainer.explain(turns, [image], "red", method)
+        assert found.maps[0].shape == (4, 4) and np.isfinite(found.maps[0]).all()
+        assert found.layout == "extension"

@@ -45,7 +45,7 @@ from vistune.infer.context import context_length
 from vistune.infer.generate import Generator
 from vistune.model.preprocess import to_square
 from vistune.model.projector import Linear as LinearProjector
-from vistune.model.projector import MLP2xGelu, PixelShuffle
+from vistune.model.projector import MLP2xGelu, PixelShuffle, Resampler
 from vistune.model.vlm import MODEL_FILE
 
 METHODS = ("gradient", "integrated", "occlusion")
@@ -175,13 +175,14 @@ def overlay(
 
 def token_layout(generator: Generator) -> str:
     """How the projector's image tokens lie on the tower's grid: `cells` (one token per cell),
-    `blocks of FxF cells` (pixel shuffle) or `pooled` (every token mixes every cell)."""
+    `blocks of FxF cells` (pixel shuffle), `pooled` (the resampler: every token mixes every cell), or
+    `extension` (a projector the core does not know); relevance is on the cells whichever it is."""
     projector = generator.vlm.projector
     if isinstance(projector, (LinearProjector, MLP2xGelu)):
         return "cells"
     if isinstance(projector, PixelShuffle):
         return f"blocks of {projector.factor}x{projector.factor} cells"
-    return "pooled"
+    return "pooled" if isinstance(projector, Resampler) else "extension"
 
 
 def conversation(
