@@ -31,11 +31,13 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaImageProcessorPil,
     LlavaProcessor,
+    PretrainedConfig,
 )
 
 from vistune.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.model.llm import image_token_id, load_tokenizer
+from vistune.model.scratch import SCRATCH_TYPE, llama_config
 from vistune.model.vision import VisionTower, build_vision_tower
 from vistune.model.vlm import VLM
 
@@ -82,12 +84,20 @@ def _select_strategy(vision: VisionTower) -> str:
     return "default" if vision.config.kind == "clip" and not vision.config.use_cls else "full"
 
 
+def text_config(config: PretrainedConfig) -> dict:
+    """The LLM's config as LLaVA's text_config: vistune's own decoder as the Llama it equals (its
+    weights keep their names; a layout Llama cannot hold is refused by `llama_config`)."""
+    if config.model_type == SCRATCH_TYPE:
+        return llama_config(config).to_dict()
+    return config.to_dict()
+
+
 def llava_config(model: VLM) -> LlavaConfig:
     """The LlavaConfig of a vistune model (vision and text configs, image token, feature selection)."""
     check_exportable(model.cfg)
     return LlavaConfig(
         vision_config=model.vision.model.config.to_dict(),
-        text_config=model.llm.config.to_dict(),
+        text_config=text_config(model.llm.config),
         image_token_index=model.image_token_id,
         image_seq_length=model.image_tokens,
         projector_hidden_act=PROJECTORS[model.cfg.projector.name],

@@ -102,7 +102,13 @@ def mlm_stage(stage: Stage, model: VLM, ctx: StageContext) -> MLMObjective:
     encoder, tokenizer, texts, save_to = encoder_parts(stage, ctx)
     rows = mlm_blocks(texts, tokenizer, stage.max_length)
     return MLMObjective(
-        encoder, tokenizer, rows, stage.options.mask_prob, torch.device(ctx.device), save_to=save_to
+        encoder,
+        tokenizer,
+        rows,
+        stage.options.mask_prob,
+        torch.device(ctx.device),
+        save_to=save_to,
+        holds=model,
     )
 
 
@@ -188,4 +194,4 @@ def nsp_stage(stage: Stage, model: VLM, ctx: StageContext) -> NSPObjective:
     """A run's `nsp` stage: its encoder on sentence pairs of its documents (the VLM takes no part)."""
     encoder, tokenizer, texts, save_to = encoder_parts(stage, ctx)
     pairs = SentencePairs(texts, tokenizer, stage.max_length, seed=ctx.seed)
-    return NSPObjective(encoder, tokenizer, pairs, torch.device(ctx.device), save_to=save_to)
+    return NSPObjective(encoder, tokenizer, pairs, torch.device(ctx.device), save_to=save_to, holds=model)

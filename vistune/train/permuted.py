@@ -94,5 +94,11 @@ def plm_stage(stage: Stage, model: VLM, ctx: StageContext) -> PLMObjective:
     encoder, tokenizer, texts, save_to = encoder_parts(stage, ctx)
     rows = blocks(token_stream(texts, tokenizer, tokenizer.sep_token_id), stage.max_length)
     return PLMObjective(
-        encoder, tokenizer, rows, stage.options.predict, torch.device(ctx.device), save_to=save_to
+        encoder,
+        tokenizer,
+        rows,
+        stage.options.predict,
+        torch.device(ctx.device),
+        save_to=save_to,
+        holds=model,
     )

@@ -172,7 +172,8 @@ def build_encoder(
 
 class EncoderObjective(nn.Module):
     """What the encoder objectives share: the encoder and its tokenizer, where the stage writes them, the
-    parts (`llm`: the encoder and its heads) and the tally of their figures."""
+    parts (`llm`: the encoder and its heads) and the tally of their figures. `holds` is the run's VLM,
+    which the stage leaves as it is and its mid-stage checkpoints keep."""
 
     def __init__(
         self,
@@ -180,6 +181,7 @@ class EncoderObjective(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
         save_to: Path | None = None,
+        holds: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.encoder, self.tokenizer, self.device, self.save_to = (
@@ -188,6 +190,7 @@ class EncoderObjective(nn.Module):
             device,
             save_to,
         )
+        self.holds = holds  # the run's VLM: not trained here, but a mid-stage checkpoint must restore it
         self.tally = Tally()
         encoder.train()
 
@@ -201,7 +204,10 @@ class EncoderObjective(nn.Module):
         return move_to(batch, self.device)
 
     def health(self) -> tuple[dict[str, float], str | None]:
-        return self.tally.read(), None
+        """The objective's figures since the last log step (the loop logs the loss itself)."""
+        figures = self.tally.read()
+        figures.pop("loss", None)
+        return figures, None
 
     def finish(self) -> None:
         """Write the encoder and its tokenizer where later stages and `vistune eval` find them."""
