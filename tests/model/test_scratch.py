@@ -109,7 +109,17 @@ def test_padding_keys_are_hidden_and_a_query_with_nothing_to_see_is_not_nan():
     assert build_mask(None, 4, 0, True, None, padding.device) is None  # SDPA's own causal kernel
 
 
-@pytest.mark.parametrize("fields", [{"causal": False}, {"positions": "learned"}])
+def test_segment_embeddings_tell_sentence_a_from_b():
+    torch.manual_seed(0)
+    encoder = ScratchForPreTraining(ScratchConfig(**SHAPE, causal=False, type_vocab_size=2)).eval()
+    ids = torch.randint(5, SHAPE["vocab_size"], (1, 8))
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        assert torch.equal(encoder(ids), encoder(ids, token_type_ids=torch.zeros_like(ids)))  # A by default
+        assert not torch.allclose(encoder(ids), encoder(ids, token_type_ids=types))
+
+
+@pytest.mark.parametrize("fields", [{"causal": False}, {"positions": "learned"}, {"type_vocab_size": 2}])
 def test_a_layout_llama_cannot_hold_is_refused(fields):
     with pytest.raises(ValueError, match="no Llama equivalent"):
         llama_config(ScratchConfig(**SHAPE, **fields))

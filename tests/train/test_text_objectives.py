@@ -72,6 +72,9 @@ def test_nsp_pairs_are_half_random_and_random_ones_come_from_another_document(co
     ids, mask = batch["ids"], batch["attention_mask"]
     assert ids.shape[1] <= 48 and (ids[:, 0] == tokenizer.cls_token_id).all()
     assert ((ids == tokenizer.sep_token_id) & mask.bool()).sum(1).eq(2).all()  # [CLS] A [SEP] B [SEP]
+    for row, types, real in zip(ids.tolist(), batch["token_type_ids"].tolist(), mask.tolist(), strict=True):
+        b_starts, length = row.index(tokenizer.sep_token_id) + 1, sum(real)
+        assert types == [0] * b_starts + [1] * (length - b_starts) + [0] * (len(row) - length)
 
 
 def test_plm_masks_follow_one_order_and_a_query_never_sees_its_own_position():

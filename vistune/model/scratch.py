@@ -1,6 +1,6 @@
 """A Transformer of our own, in plain PyTorch: a causal decoder (an LLM) and a bidirectional encoder.
 
-    token ids (B, T) -> embeddings (+ learned positions) -> N x Block -> RMSNorm -> (B, T, D)
+    token ids (B, T) -> embeddings (+ learned positions, + segments) -> N x Block -> RMSNorm -> (B, T, D)
     Block:  x = x + Attention(RMSNorm(x))        multi-head self-attention, rotary positions, SDPA kernel
             x = x + FeedForward(RMSNorm(x))      position-wise SwiGLU: down(silu(gate(x)) * up(x))
 
@@ -50,6 +50,8 @@ class ScratchConfig(PreTrainedConfig):
     positions: `rotary` (RoPE on queries and keys, Llama's) or `learned` (a table of
     `max_position_embeddings` vectors added to the token embeddings, BERT's and GPT-2's).
     causal: a decoder (each token sees those before it) or an encoder (every token sees every token).
+    type_vocab_size: BERT's segment embeddings (sentence A or B of a pair, added to the token embeddings);
+    0: none (a decoder, and what Llama holds).
     """
 
     model_type = SCRATCH_TYPE
@@ -64,6 +66,7 @@ class ScratchConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     causal: bool = True
+    type_vocab_size: int = 0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     use_cache: bool = True
@@ -260,6 +263,9 @@ class ScratchModel(ScratchPreTrainedModel):
         self.embed_positions = None  # rotary positions turn queries and keys instead
         if config.positions == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_types = None
+        if config.type_vocab_size:
+            self.embed_types = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
@@ -271,11 +277,18 @@ class ScratchModel(ScratchPreTrainedModel):
         self.embed_tokens = value
 
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-              positions: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:  # fmt: skip
-        """The input vectors (B, T, D), learned positions added, and the rotary angles of `positions`."""
+              positions: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, Rope | None]:  # fmt: skip
+        """The input vectors (B, T, D), segments (0 where not given) and learned positions added, and the
+        rotary angles of `positions`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(f"{SCRATCH_TYPE}: pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.embed_types is not None:
+            types = torch.zeros_like(positions) if token_type_ids is None else token_type_ids
+            x = x + self.embed_types(types)
+        elif token_type_ids is not None:
+            raise ValueError(f"{SCRATCH_TYPE}: token_type_ids given, but type_vocab_size is 0")
         if self.embed_positions is not None:
             return x + self.embed_positions(positions), None
         return x, rotary(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -288,10 +301,12 @@ class ScratchModel(ScratchPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **flags: bool,
     ) -> BaseModelOutputWithPast:
         """Hidden states of the inputs; `position_ids` without an `attention_mask` that restart at 0 mark
-        packed records (as transformers reads them); `use_cache` keeps keys and values in `cache`."""
+        packed records (as transformers reads them); `use_cache` keeps keys and values in `cache`;
+        `token_type_ids` are segments (A: 0, B: 1) of an encoder with `type_vocab_size`."""
         _check_flags(flags)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -301,7 +316,7 @@ class ScratchModel(ScratchPreTrainedModel):
         positions = position_ids
         if positions is None:
             positions = torch.arange(past, past + length, device=given.device)[None]
-        x, rope = self.embed(input_ids, inputs_embeds, positions)
+        x, rope = self.embed(input_ids, inputs_embeds, positions, token_type_ids)
         packed = position_ids if self.config.causal and attention_mask is None and cache is None else None
         mask = build_mask(attention_mask, length, past, self.config.causal, packed, given.device)
         for layer in self.layers:
@@ -390,9 +405,10 @@ class ScratchForPreTraining(ScratchPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """(B, T, D) hidden states of the encoder."""
-        return self.model(input_ids, attention_mask).last_hidden_state
+        return self.model(input_ids, attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
     def two_stream(
         self, input_ids: torch.Tensor, content_mask: torch.Tensor,
@@ -418,10 +434,11 @@ class ScratchForPreTraining(ScratchPreTrainedModel):
 
 def llama_config(config: ScratchConfig) -> LlamaConfig:
     """The `LlamaConfig` of a decoder with rotary positions: same weights, same names, same logits."""
-    if config.positions != "rotary" or not config.causal:
+    if config.positions != "rotary" or not config.causal or config.type_vocab_size:
         raise ValueError(
             f"a {SCRATCH_TYPE} {'decoder' if config.causal else 'encoder'} with {config.positions} positions "
-            "has no Llama equivalent; only a decoder with rotary positions converts to one"
+            f"{' and segment embeddings' if config.type_vocab_size else ''} has no Llama equivalent; only a "
+            "decoder with rotary positions and no segment embeddings converts to one"
         )
     same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",

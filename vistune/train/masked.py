@@ -11,7 +11,8 @@ sentences`), A followed in its document by B (IsNext) or by a random sentence of
 (NotNext), truncated to `max_length` (the longer sentence first). Example 2i pairs the i-th sentence that
 has a successor with it, example 2i + 1 with a random one (its draw seeded by the run's seed and i), so
 exactly half of every epoch's pairs are random. A linear head on `[CLS]`'s state says which; the figure
-is its accuracy (`nsp_acc`). Unlike BERT, no segment embeddings: `[SEP]` alone marks where B starts.
+is its accuracy (`nsp_acc`). As in BERT, segment embeddings tell A's tokens (with `[CLS]` and the first
+`[SEP]`) from B's.
 """
 
 from __future__ import annotations
@@ -152,13 +153,18 @@ class SentencePairs:
         return [self.cls, *first, self.sep, *second, self.sep]
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        """(B, L) right-padded pairs, their attention mask and (B,) labels (1: B follows A)."""
+        """(B, L) right-padded pairs, their attention mask, segments (0: `[CLS] A [SEP]`, 1: `B [SEP]`)
+        and (B,) labels (1: B follows A)."""
         pairs = [self.pair(i) for i in indices]
         rows = [self.encode(a, b) for a, b, _ in pairs]
         width = max(map(len, rows))
         ids = torch.tensor([row + [self.pad] * (width - len(row)) for row in rows])
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        return {"ids": ids, "attention_mask": mask, "labels": torch.tensor([int(n) for _, _, n in pairs])}
+        types = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            types[i, row.index(self.sep) + 1 : len(row)] = 1
+        labels = torch.tensor([int(n) for _, _, n in pairs])
+        return {"ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
 
 
 class NSPObjective(EncoderObjective):
@@ -182,7 +188,8 @@ class NSPObjective(EncoderObjective):
         return len(batch["labels"])
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        cls = self.encoder(batch["ids"], batch["attention_mask"])[:, 0]  # (B, D): [CLS]'s state
+        types = batch["token_type_ids"] if self.encoder.config.type_vocab_size else None
+        cls = self.encoder(batch["ids"], batch["attention_mask"], types)[:, 0]  # (B, D): [CLS]'s state
         logits = self.encoder.nsp_head(cls).float()
         loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
         self.tally.add("loss", loss, len(logits))

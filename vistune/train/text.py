@@ -161,7 +161,8 @@ def build_encoder(
         raise ValueError(f"options.tokenizer {options.tokenizer}: an encoder's tokenizer needs {missing}")
     if options.encoder.get("causal"):
         raise ValueError("options.encoder: an encoder sees both ways; causal must be false")
-    fields = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+    # BERT's two segments (sentence A and B of an NSP pair) unless the shape says otherwise
+    fields = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "type_vocab_size": 2,
               "max_position_embeddings": max_length} | options.encoder | {"causal": False}  # fmt: skip
     try:
         config = ScratchConfig(**fields)
