@@ -6,10 +6,11 @@ the tokens that are not special are chosen to be predicted; of those, 80% are re
 by a random token and 10% kept as they are (`mask_tokens`). The loss is the cross-entropy of the chosen
 tokens, the figure the share of them predicted right (`masked_acc`).
 
-`nsp`, next-sentence prediction: pairs `[CLS] A [SEP] B [SEP]` of two sentences (`vistune.data.texts.
-sentences`), A followed in its document by B (IsNext) or by a random sentence of another document
-(NotNext), truncated to `max_length` (the longer sentence first). Example 2i pairs the i-th sentence that
-has a successor with it, example 2i + 1 with a random one (its draw seeded by the run's seed and i), so
+`nsp`, next-sentence prediction: pairs `[CLS] A [SEP] B [SEP]` of two spans of sentences
+(`vistune.data.texts.sentences`), A followed in its document by B (IsNext) or by a span that starts at
+a random sentence of another document (NotNext), each side whole sentences up to half of `max_length`
+(`SentencePairs.encode`). Example 2i pairs the i-th sentence that has a successor with it, example
+2i + 1 with a random one (its draw seeded by the run's seed and i), so
 exactly half of every epoch's pairs are random. A linear head on `[CLS]`'s state says which; the figure
 is its accuracy (`nsp_acc`). As in BERT, segment embeddings tell A's tokens (with `[CLS]` and the first
 `[SEP]`) from B's.
@@ -145,9 +146,16 @@ class SentencePairs:
                 return a, b, False
 
     def encode(self, a: int, b: int) -> list[int]:
-        """`[CLS] A [SEP] B [SEP]`, the longer of A and B cut first until it fits `max_length`."""
-        first, second = self.ids[a], self.ids[b]
-        room = self.max_length - 3
+        """`[CLS] A [SEP] B [SEP]`: A the sentences of a's document that end with a, B those of b's that start
+        with b, each side whole sentences up to half the room (as BERT's segments are spans of text, not
+        single sentences), then the longer side cut first until the pair fits `max_length`."""
+        room, ids, doc = self.max_length - 3, self.ids, self.doc
+        first, i = list(ids[a]), a - 1
+        while i >= 0 and doc[i] == doc[a] and len(first) + len(ids[i]) <= room // 2:
+            first, i = ids[i] + first, i - 1
+        second, j = list(ids[b]), b + 1
+        while j < len(doc) and doc[j] == doc[b] and len(second) + len(ids[j]) <= room // 2:
+            second, j = second + ids[j], j + 1
         while len(first) + len(second) > room:
             first, second = (first[:-1], second) if len(first) >= len(second) else (first, second[:-1])
         return [self.cls, *first, self.sep, *second, self.sep]
