@@ -14,9 +14,10 @@ from transformers import AutoTokenizer
 
 from vistune.config import DataSpec
 from vistune.data.texts import read_texts, sentences, split_documents, write_corpus
-from vistune.eval.lm import main_eval_lm, unigram_perplexity
+from vistune.eval.lm import main_eval_lm, overlap_accuracy, unigram_perplexity
 from vistune.model.scratch import ScratchConfig, ScratchForPreTraining
-from vistune.train.masked import SentencePairs, mask_tokens, mlm_blocks
+from vistune.train.masked import NSPObjective, SentencePairs, mask_tokens, mlm_blocks
+from vistune.train.objective import build_batch
 from vistune.train.permuted import permutation_masks
 
 
@@ -75,6 +76,33 @@ def test_nsp_pairs_are_half_random_and_random_ones_come_from_another_document(co
     for row, types, real in zip(ids.tolist(), batch["token_type_ids"].tolist(), mask.tolist(), strict=True):
         b_starts, length = row.index(tokenizer.sep_token_id) + 1, sum(real)
         assert types == [0] * b_starts + [1] * (length - b_starts) + [0] * (len(row) - length)
+
+
+def test_a_small_encoder_learns_to_tell_next_spans_from_random_ones(corpus, texts):
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "wordpiece")
+    torch.manual_seed(0)
+    config = ScratchConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, causal=False, type_vocab_size=2,
+                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    encoder = ScratchForPreTraining(config)
+    pairs = SentencePairs(texts, tokenizer, max_length=48, seed=0)
+    objective = NSPObjective(encoder, tokenizer, pairs, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=3e-3)
+    batch = build_batch(objective, list(range(32)))
+    for _ in range(60):
+        (objective(batch) / 32).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    objective.tally.read()
+    objective(batch)
+    assert objective.tally.read()["nsp_acc"] == 1.0  # the 32 pairs it saw, told apart
+
+
+def test_word_overlap_baseline_is_at_least_half(corpus, texts):
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "wordpiece")
+    pairs = SentencePairs(texts, tokenizer, max_length=48, seed=0)
+    accuracy = overlap_accuracy(pairs)
+    assert 0.5 <= accuracy <= 1.0  # never below calling every pair IsNext (exactly half)
 
 
 def test_plm_masks_follow_one_order_and_a_query_never_sees_its_own_position():

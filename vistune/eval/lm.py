@@ -9,7 +9,8 @@ masked positions and the same pairs:
          with `--unigram TRAIN` also that of a unigram model of the training text (add-one smoothed
          token counts under the same tokenizer): the floor a language model must beat
     mlm: masked-token accuracy and perplexity of the masked tokens (an encoder an mlm stage wrote)
-    nsp: next-sentence accuracy over pairs of which half are random
+    nsp: next-sentence accuracy over pairs of which half are random, and beside it that of the best
+         threshold on the word overlap of A and B (`overlap_accuracy`): how far words alone go
     plm: perplexity of the permutation targets
 """
 
@@ -55,6 +56,25 @@ def unigram_perplexity(train: list[int], targets: torch.Tensor, vocab_size: int)
     return math.exp(nll / targets.numel())
 
 
+def overlap_accuracy(pairs: SentencePairs) -> float:
+    """The best accuracy of one rule on every pair: IsNext when the Jaccard overlap of A's and B's token
+    sets exceeds a threshold, the threshold chosen on these same pairs (so an upper bound for the rule)."""
+    scored = []
+    for index in range(len(pairs)):
+        a, b, follows = pairs.pair(index)
+        row = pairs.encode(a, b)
+        sep = row.index(pairs.sep)
+        first, second = set(row[1:sep]), set(row[sep + 1 : -1])
+        scored.append((len(first & second) / max(1, len(first | second)), follows))
+    scored.sort()
+    # threshold below the k-th smallest score: the k lowest say NotNext, the rest IsNext
+    right = best = sum(f for _, f in scored)  # k = 0: every pair called IsNext
+    for _, follows in scored:  # one more pair called NotNext
+        right += -1 if follows else 1
+        best = max(best, right)
+    return best / len(scored)
+
+
 def causal_scores(model_dir: Path, texts: list[str], max_length: int, batch_size: int,
                   unigram: Path | None) -> dict[str, float]:  # fmt: skip
     """Held-out perplexity of a causal LM (`model_dir`: a run's OUT/model or an LLM directory)."""
@@ -80,6 +100,7 @@ def encoder_scores(objective: str, model_dir: Path, texts: list[str], max_length
         built = MLMObjective(encoder, tokenizer, mlm_blocks(texts, tokenizer, max_length), 0.15, device)
     elif objective == "nsp":
         built = NSPObjective(encoder, tokenizer, SentencePairs(texts, tokenizer, max_length, seed), device)
+        overlap = overlap_accuracy(built.pairs)
     else:
         rows = blocks(token_stream(texts, tokenizer, tokenizer.sep_token_id), max_length)
         built = PLMObjective(encoder, tokenizer, rows, predict, device)
@@ -87,6 +108,8 @@ def encoder_scores(objective: str, model_dir: Path, texts: list[str], max_length
     figures = run_objective(built, batch_size)
     if objective in ("mlm", "plm"):
         figures["ppl"] = math.exp(figures["loss"])
+    else:
+        figures["overlap_baseline_acc"] = overlap
     figures["examples"] = len(built)
     return figures
 
