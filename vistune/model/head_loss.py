@@ -23,6 +23,13 @@ def head_loss_sum(
     against `targets` (N,) token ids; with `chunk`, `chunk` rows at a time."""
     if chunk is None or hidden.shape[0] <= chunk:
         return _rows_loss(head, hidden, targets)
+    return _chunked_loss(head, hidden, targets, chunk)
+
+
+# Under torch.compile (`options.compile`) the chunks run eagerly between the compiled graphs: their number
+# follows the batch, and traced, each count would be a graph of its own (a recompile per batch size).
+@torch.compiler.disable
+def _chunked_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     total = None
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
