@@ -72,3 +72,22 @@ def test_what_no_longer_fits_is_skipped_and_said(tmp_path):
 def test_unknown_parts_are_named(tmp_path):
     done, _ = _run(tmp_path, "--parts", "quickstart,speed", timeout=300)
     assert done.returncode == 2 and "--parts: unknown speed" in done.stderr
+
+
+def test_throughput_runs_leave_the_later_parts_their_time(tmp_path):
+    """Each training run is budgeted with the later parts' estimates added: here none fits, each says so."""
+    sys.path.insert(0, str(SUITE.parent))
+    import gpu_suite
+    import torch
+
+    budget = gpu_suite.Budget(1.0, scale=0.01)  # a run needs 0.2 s or more, the later parts 1.05 s
+    suite = gpu_suite.Suite(
+        tmp_path, gpu_suite.Settings(smoke=True), budget, gpu_suite.Report(), torch.device("cpu")
+    )
+    suite.later = ["generation", "serve", "syncs"]
+    runs = gpu_suite.part_throughput(suite)["runs"]
+    assert list(runs)[:2] == ["full plain", "lora plain"]  # the order they would have run in
+    assert len(runs) == len(gpu_suite.VARIANTS) * len(gpu_suite.TRAIN)
+    assert all(r["status"].startswith("skipped: needs ~") for r in runs.values())
+    assert all("the later parts' ~1 s included" in r["status"] for r in runs.values())
+    assert not (tmp_path / "data").exists()  # nothing was built for runs that did not fit
