@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vistune.data.texts:main_text",
         "write Python's own documentation as a text corpus (train / held-out) with tokenizers",
     ),
+    "data replay": (
+        "vistune.infer.replay:main_replay",
+        "write the base LLM's answers to plain-text prompts (keeps plain-text skills while tuning)",
+    ),
     "data validate": ("vistune.data.validate:main_validate", "check a dataset and report problems"),
     "data inspect": (
         "vistune.commands.inspect:main_inspect",

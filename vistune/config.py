@@ -246,6 +246,20 @@ class VLMOptions(StageOptions):
     # crosses records. Same loss, fewer padded tokens.
     pack: bool = False
     pack_length: int | None = None
+    # torch.compile the model's loss (image merge, decoder, LM head and cross-entropy) with this backend;
+    # the first steps compile (tens of seconds with inductor), later ones run the compiled graphs.
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # The LM head and cross-entropy over the answer positions in chunks of this many rows, each
+    # recomputed in the backward pass, so the (answers, vocabulary) logits never exist at once; null:
+    # all rows at once. Same loss and gradients.
+    loss_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be at least 1 (null: all rows at once), got {self.loss_chunk}")
+        if not self.compile_backend:
+            raise ValueError("compile_backend must name a torch.compile backend (e.g. inductor)")
 
     def check(self, stage: Stage) -> None:
         """Every record (at most `max_length` tokens) must fit a packed row."""
