@@ -136,41 +136,47 @@ def baseline_setup(data: str, batch_size: int, steps: int, pack: bool) -> tuple[
     return model, stage
 
 
-def run_vistune(model: VLM, stage: Stage, seed: int, run_dir: Path) -> tuple[VLMObjective, Steps, float]:
+def run_vistune(
+    model: VLM, stage: Stage, seed: int, run_dir: Path, timed_from: int = 1
+) -> tuple[VLMObjective, Steps, float]:
     """Train with vistune's own loop: the objective, (loss, seconds) per step from metrics.jsonl, and the
-    seconds from step 1's batch to the stage's end (see `stamp`)."""
+    seconds from step `timed_from`'s batch to the stage's end (see `stamp`; `grad_accum` 1)."""
     run = open_run(run_dir, seed, save_every=10**9)
     objective = build_objective(stage, model, run.context())
-    stamps = stamp(objective)
+    stamps = stamp(objective, timed_from)
     fit(objective, stage, run, 0, keep=model)
     run.log.close()
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     rows = sorted((r for r in map(json.loads, lines) if "step" in r), key=lambda r: r["step"])
     steps = [(math.inf if r["loss"] is None else r["loss"], r["seconds"]) for r in rows]
-    return objective, steps, stamps[-1] - stamps[1]
+    return objective, steps, stamps[-1] - stamps[timed_from]
 
 
-def stamp(objective: VLMObjective) -> list[float]:
-    """Clock readings as the loop's host part calls the objective's batcher (a step's start: the loop
-    builds batches in the training process here, `workers: 0`) and `finish` (the end).
+def stamp(objective: VLMObjective, sync_at: int = 1) -> list[float]:
+    """Clock readings as the loop moves each micro-batch to the device (`to_device`, in the training
+    process also when DataLoader workers build the batches) and at `finish` (the end).
 
-    The loop reads the device back only every few steps; its last read-back comes before `finish`, and
-    the device is synchronised here too, so the last reading counts all queued work."""
+    On CUDA the device is synchronised at reading `sync_at` (so the queued work of the warm-up steps
+    before it is not timed) and at the end (the loop reads the device back only every few steps), so the
+    last reading counts all queued work. With `grad_accum` 1, `stamps[k]` is step k's start."""
     stamps: list[float] = []
-    batcher, finish = objective.batcher(), objective.finish
+    to_device, finish = objective.to_device, objective.finish
+    cuda = objective.device.type == "cuda"
 
-    def stamped_batcher(indices: list[int]) -> dict:
+    def stamped_to_device(batch: dict) -> dict:
+        if cuda and len(stamps) == sync_at:  # the warm-up steps' queued work is not timed
+            torch.cuda.synchronize(objective.device)
         stamps.append(time.perf_counter())
-        return batcher(indices)
+        return to_device(batch)
 
     def stamped_finish() -> None:
-        if objective.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(objective.device)
         stamps.append(time.perf_counter())
         finish()
 
     # on the instance: the loop calls these
-    objective.batcher, objective.finish = lambda: stamped_batcher, stamped_finish
+    objective.to_device, objective.finish = stamped_to_device, stamped_finish
     return stamps
 
 

@@ -227,7 +227,7 @@ def test_a_stage_key_that_moved_into_options_names_its_new_place(tmp_path, old, 
         ("stages.1.options={text_tower: minilm}", "stages[1].options: unknown field(s) ['text_tower']"),
         ("stages.1.options={pack_length: 64}", "options.pack_length 64 is set but pack is false"),
         ("stages.1.options=[pack]", "stages[1].options: expected a mapping, got list"),
-        ("stages.1.kind=bogus", "'tune': kind 'bogus' is not one of ['classify', 'contrastive', 'scene',"),
+        ("stages.1.kind=bogus", "'tune': kind 'bogus' is not one of ['classify', 'clm', 'contrastive',"),
     ],
 )  # fmt: skip
 def test_a_stages_options_are_checked_by_its_kind(tmp_path, override, message):

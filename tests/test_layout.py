@@ -182,7 +182,7 @@ def test_the_name_check_lets_english_in_docstrings_and_other_words_pass(tmp_path
 def test_the_shapes_world_plugs_in_through_its_entry_point():
     load_extensions()
     assert {"visual_words", "object_words"} <= set(projectors())
-    assert set(stage_kinds()) == {"vlm", "contrastive", "classify", "scene"}
+    assert set(stage_kinds()) == {"vlm", "contrastive", "classify", "clm", "mlm", "nsp", "plm", "scene"}
     assert {"quickstart", "data synth"} <= set(extensions.COMMANDS) and "shapes" in extensions.SUITES
     assert extensions.REPORT_SECTIONS["shapes"]
 

@@ -19,6 +19,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vistune.data.digits:main_digits",
         "write scikit-learn's handwritten digits as images, conversations and VQA",
     ),
+    "data text": (
+        "vistune.data.texts:main_text",
+        "write Python's own documentation as a text corpus (train / held-out) with tokenizers",
+    ),
+    "data replay": (
+        "vistune.infer.replay:main_replay",
+        "write the base LLM's answers to plain-text prompts (keeps plain-text skills while tuning)",
+    ),
     "data validate": ("vistune.data.validate:main_validate", "check a dataset and report problems"),
     "data inspect": (
         "vistune.commands.inspect:main_inspect",
@@ -48,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # suites of extensions (`--suite NAME`) join them in `eval_routes()`.
 EVAL_ROUTES = {
     ("--task", "retrieval"): "vistune.eval.retrieval:main_eval_retrieval",  # scores embeddings
+    ("--task", "lm"): "vistune.eval.lm:main_eval_lm",  # held-out scores of the text pretraining objectives
 }
 
 

@@ -123,7 +123,8 @@ class LLMConfig:
     """Any Hugging Face causal LM by hub id or local directory; `smollm2` is the embedded default.
 
     `from_config` builds the LLM with random weights from a transformers config instead of loading it,
-    e.g. `{model_type: llama, hidden_size: 256, num_hidden_layers: 4, ...}`; the tokenizer and chat
+    e.g. `{model_type: llama, hidden_size: 256, num_hidden_layers: 4, ...}`, or vistune's own
+    Transformer with `model_type: vistune_scratch` (`vistune.model.scratch`); the tokenizer and chat
     template still come from `name_or_path`, and vocabulary size and special-token ids default to the
     tokenizer's.
     """
@@ -245,6 +246,20 @@ class VLMOptions(StageOptions):
     # crosses records. Same loss, fewer padded tokens.
     pack: bool = False
     pack_length: int | None = None
+    # torch.compile the model's loss (image merge, decoder, LM head and cross-entropy) with this backend;
+    # the first steps compile (tens of seconds with inductor), later ones run the compiled graphs.
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # The LM head and cross-entropy over the answer positions in chunks of this many rows, each
+    # recomputed in the backward pass, so the (answers, vocabulary) logits never exist at once; null:
+    # all rows at once. Same loss and gradients.
+    loss_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be at least 1 (null: all rows at once), got {self.loss_chunk}")
+        if not self.compile_backend:
+            raise ValueError("compile_backend must name a torch.compile backend (e.g. inductor)")
 
     def check(self, stage: Stage) -> None:
         """Every record (at most `max_length` tokens) must fit a packed row."""
@@ -269,7 +284,8 @@ class VLMOptions(StageOptions):
 class ContrastiveOptions(StageOptions):
     """`contrastive` stages: CLIP/SigLIP image-text pretraining of the tower."""
 
-    text_tower: str = "minilm"  # "minilm", "llm" (the run's LLM) or a local encoder dir
+    # "minilm", "llm" (the run's LLM), a local encoder dir, or stage:NAME (an mlm/nsp/plm stage's encoder)
+    text_tower: str = "minilm"
     loss: str = "clip"  # clip | siglip
     embed_dim: int = 128  # width of the shared image-text space
     chunk_size: int = 32  # pairs embedded at once (activation memory; the gradients do not change)
@@ -292,12 +308,72 @@ class ClassifyOptions(StageOptions):
             self.augment = Augment(**self.augment)
 
 
+@dataclass
+class CLMOptions(StageOptions):
+    """`clm` stages: next-token loss of the run's LLM on raw text, in blocks of `max_length` tokens."""
+
+
+@dataclass
+class EncoderOptions(StageOptions):
+    """The text encoder that an `mlm`, `nsp` or `plm` stage trains (`vistune.model.scratch`), written to
+    OUT/stages/NAME when the stage ends: a new one (`tokenizer` and `encoder`), or a saved one (`start`)."""
+
+    # a saved encoder to go on training: its directory, or stage:NAME for an earlier stage's of this run
+    start: str | None = None
+    # a new encoder's tokenizer directory: a WordPiece with [PAD] [CLS] [SEP] [MASK] (`vistune data text`)
+    tokenizer: str | None = None
+    # a new encoder's shape: ScratchConfig fields (hidden_size, num_hidden_layers, positions, ...)
+    encoder: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.start is None) == (self.tokenizer is None):
+            raise ValueError(
+                "set start (a saved encoder) or tokenizer (a new encoder's), not both or neither"
+            )
+        if self.start is not None and self.encoder:
+            raise ValueError("encoder fields shape a new encoder; a saved one (start) keeps its own")
+
+
+@dataclass
+class MLMOptions(EncoderOptions):
+    """`mlm` stages: BERT's masked language modelling."""
+
+    mask_prob: float = 0.15  # share of tokens chosen; of those 80% become [MASK], 10% random, 10% kept
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.mask_prob < 1:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+
+
+@dataclass
+class NSPOptions(EncoderOptions):
+    """`nsp` stages: BERT's next-sentence prediction (half the pairs true, half a random sentence)."""
+
+
+@dataclass
+class PLMOptions(EncoderOptions):
+    """`plm` stages: XLNet's permutation language modelling with two-stream attention."""
+
+    # the share of each block predicted: the last tokens of its permutation order (XLNet's 1/K, K = 6)
+    predict: float = 1 / 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.predict < 1:
+            raise ValueError(f"predict must be in (0, 1), got {self.predict}")
+
+
 # The built-in kinds' options; an extension's kind names its own when it registers
 # (`vistune.extensions.register_stage_kind`).
 BUILT_IN_OPTIONS: dict[str, type[StageOptions]] = {
     "vlm": VLMOptions,
     "contrastive": ContrastiveOptions,
     "classify": ClassifyOptions,
+    "clm": CLMOptions,
+    "mlm": MLMOptions,
+    "nsp": NSPOptions,
+    "plm": PLMOptions,
 }
 
 
@@ -322,10 +398,11 @@ class Stage:
 
     kind: a stage kind (`vistune.train.kinds.stage_kinds`): `vlm` (next-token loss on
     assistant tokens), `contrastive` (image-text), `classify` (the tower with a linear head on an
-    ImageFolder), or one an installed extension adds.
+    ImageFolder), the text pretraining kinds `clm`, `mlm`, `nsp` and `plm` (docs/text.md), or one an
+    installed extension adds.
     train: trainable module sets among vision, projector, llm (full), lora (adapters on the LLM).
     options: what only this kind reads, checked by the kind's options dataclass (`VLMOptions`,
-    `ContrastiveOptions`, `ClassifyOptions`, or an extension kind's).
+    `ContrastiveOptions`, `ClassifyOptions`, `MLMOptions`, ..., or an extension kind's).
     """
 
     name: str

@@ -50,7 +50,10 @@ def test_the_accelerator_passes_the_answer_to_ddp():
 
 def test_every_built_in_kind_declares_its_options():
     kinds = stage_kinds()
-    assert set(BUILT_IN) == {"vlm", "contrastive", "classify"} and set(BUILT_IN) < set(kinds)
+    assert set(BUILT_IN) == {"vlm", "contrastive", "classify", "clm", "mlm", "nsp", "plm"}
+    assert set(BUILT_IN) < set(kinds)
     for name, part in kinds.items():
-        assert Stage(name="s", kind=name, train=["vision"]).options is not None, name
+        # an encoder kind must be told which encoder it trains: a new one's tokenizer or a saved one
+        options = {"tokenizer": "wordpiece"} if name in ("mlm", "nsp", "plm") else {}
+        assert Stage(name="s", kind=name, train=["vision"], options=options).options is not None, name
         assert part.options is not None, name

@@ -146,8 +146,9 @@ def test_resume_with_workers_matches_uninterrupted(world, tmp_path, monkeypatch,
         assert torch.equal(uninterrupted[key], resumed[key]), key
 
 
-def kill_and_resume(cfg: dict, monkeypatch, kill_at: int) -> dict[str, torch.Tensor]:
-    """Train `cfg`, killed at the `kill_at`-th optimizer step of the run, then resume it: its weights."""
+def kill_and_resume(cfg: dict, monkeypatch, kill_at: int, read=weights) -> dict[str, torch.Tensor]:
+    """Train `cfg`, killed at the `kill_at`-th optimizer step of the run, then resume it: its weights
+    (`read` of the final model dir)."""
     real_step, calls = loop.train_step, {"n": 0}
 
     def dying_step(*args, **kwargs):
@@ -160,7 +161,7 @@ def kill_and_resume(cfg: dict, monkeypatch, kill_at: int) -> dict[str, torch.Ten
     with pytest.raises(KeyboardInterrupt):
         train(config_from_dict(cfg))
     monkeypatch.setattr(loop, "train_step", real_step)
-    return weights(train(config_from_dict(cfg), resume=True))
+    return read(train(config_from_dict(cfg), resume=True))
 
 
 # Killed inside a save: while writing the end-of-scene checkpoint's weights (a half-written temporary

@@ -1,9 +1,10 @@
 """A training step reads nothing back to the host (a stall on a GPU), counted on the CPU.
 
-Every torch call inside `train_step` passes through a TorchFunctionMode that records the ones which
-would wait for a GPU: reading a value (`item`, `bool`, `int`, `float`, `tolist`, `numpy`) or taking a
-data-dependent shape (`nonzero`, boolean indexing, `masked_select`, `unique`). Batches are built before
-the step, on the host (`step_batches`); the step itself must record nothing.
+Every torch call inside `train_step` passes through a TorchFunctionMode (`vistune.train.syncs.HostReads`)
+that records the ones which would wait for a GPU: reading a value (`item`, `bool`, `int`, `float`,
+`tolist`, `numpy`) or taking a data-dependent shape (`nonzero`, boolean indexing, `masked_select`,
+`unique`). Batches are built before the step, on the host (`step_batches`); the step itself must record
+nothing.
 """
 
 from __future__ import annotations
@@ -12,41 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from vistune.config import config_from_dict
 from vistune.model.vlm import build_vlm
 from vistune.train.kinds import build_objective
 from vistune.train.loop import make_accelerator, step_batches, train_step
 from vistune.train.objective import StageContext
+from vistune.train.syncs import HostReads
 from vistune.train.trainable import set_trainable
-
-READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy"}
-SHAPES = {"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere"}
-
-
-class HostReads(TorchFunctionMode):
-    """Records the torch calls that would make the host wait for the device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        boolean_index = name in ("__getitem__", "__setitem__") and _has_bool_tensor(args[1:2])
-        if name in READS or name in SHAPES or boolean_index:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def _has_bool_tensor(values) -> bool:
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
-            return True
-        if isinstance(value, tuple) and _has_bool_tensor(value):
-            return True
-    return False
 
 
 def _steps_under(mode: HostReads, cfg: dict, steps: int = 2) -> None:

@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 IMAGE_PLACEHOLDER = "<image>"
+# ChatML without a system prompt: the chat layout `vistune.model.template` names `chatml`, and the one the
+# tokenizers vistune trains itself carry (`vistune.data.vocab`).
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 ROLES = ("system", "user", "assistant")
 # Role names accepted on input, mapped to ours (LLaVA uses human/gpt, OpenAI-style files user/assistant).
 ROLE_ALIASES = {

@@ -2,8 +2,8 @@
 
 It reads the data before it loads a model, scores one task with a model or re-scores predictions
 (any tool's, against `--data`), and answers with one message and exit 2 for bad input or when every
-record failed. (`--task retrieval` and the extensions' `--suite NAME` are routed elsewhere by
-`vistune.cli`.)
+record failed. (`--task retrieval`, `--task lm` and the extensions' `--suite NAME` are routed elsewhere
+by `vistune.cli`.)
 """
 
 from __future__ import annotations
@@ -41,15 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vistune eval",
         description="Evaluate a trained model on a benchmark, or score predictions already made.",
-        epilog="Also: --task retrieval (recall@k of a contrastive model) and --suite NAME (an installed "
+        epilog="Also: --task retrieval (recall@k of a contrastive model), --task lm (held-out scores of a "
+        "text pretraining objective) and --suite NAME (an installed "
         "extension's suite, listed by `vistune --help`); each has its own --help. Exit status: 0 scored; "
         "2 bad input, or every record failed; 1 an internal error (--debug shows its traceback).",
     )
     p.add_argument("model_dir", nargs="?", help="trained model directory (not with --predictions)")
     p.add_argument(
         "--task",
-        choices=(*TASKS, "retrieval"),
-        help="what to measure (retrieval: see `vistune eval --task retrieval --help`)",
+        choices=(*TASKS, "retrieval", "lm"),
+        help="what to measure (retrieval and lm have their own: `vistune eval --task lm --help`)",
     )
     p.add_argument("--data", help="benchmark file (with --predictions: where the references come from)")
     p.add_argument("--format", choices=FORMATS, help="format of --data (default llava)")
@@ -97,8 +98,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Flag combinations that cannot work, refused before anything is loaded (argparse exits 2)."""
     if not a.task:
         p.error("give --task (or --suite NAME: see `vistune --help`)")
-    if a.task == "retrieval":  # normally routed by `vistune eval` before this parser sees it
-        p.error("--task retrieval is handled by `vistune eval --task retrieval` (see its --help)")
+    if a.task in ("retrieval", "lm"):  # normally routed by `vistune eval` before this parser sees it
+        p.error(f"--task {a.task} is handled by `vistune eval --task {a.task}` (see its --help)")
     if not a.predictions and not a.model_dir:
         p.error("MODEL_DIR is required unless --predictions is given")
     if a.predictions and (a.model_dir or a.base):

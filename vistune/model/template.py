@@ -20,19 +20,14 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from vistune.data.records import IMAGE_PLACEHOLDER, Turn
+from vistune.data.records import CHATML, IMAGE_PLACEHOLDER, Turn
 
 IGNORE = -100
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
-# ChatML without a default system prompt: SmolLM2's own template injects one ("You are a helpful AI
-# assistant named SmolLM...") into every conversation, which costs ~20 tokens per sample.
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# ChatML without a default system prompt (`vistune.data.records.CHATML`): SmolLM2's own template injects
+# one ("You are a helpful AI assistant named SmolLM...") into every conversation, ~20 tokens per sample.
 NAMED_TEMPLATES = {"chatml": CHATML}
 
 

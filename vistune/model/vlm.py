@@ -17,11 +17,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.generic import is_flash_attention_requested
 
 from vistune.config import ModelConfig, config_from_dict
+from vistune.model.head_loss import head_loss_sum
 from vistune.model.llm import build_llm, image_token_id, load_llm, load_tokenizer, pick_dtype
 from vistune.model.positions import GridPositions
 from vistune.model.projector import ProjectorContext, build_projector, upgrade_projector
@@ -119,6 +119,7 @@ class VLM(nn.Module):
         checked: bool = False,
         position_ids: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        loss_chunk: int | None = None,
     ) -> torch.Tensor:
         """`loss_sum` with the targets of `answer_targets`, computed where the batch is built.
 
@@ -126,7 +127,8 @@ class VLM(nn.Module):
         a pad, and only real tokens carry a loss. `checked`: as in `embed`. `position_ids` (B, L) that
         restart at 0 mark packed rows (several records per row, `collate_packed`); with no attention
         mask transformers then keeps attention inside each record (`find_packed_sequence_indices`).
-        `image_embeds`: the images already projected (as in `embed`)."""
+        `image_embeds`: the images already projected (as in `embed`). `loss_chunk`: the LM head and
+        cross-entropy over that many answer rows at a time (`head_loss_sum`)."""
         embeds = self.embed(input_ids, pixel_values, vision_features, checked, image_embeds)
         packed = {}
         if position_ids is not None:
@@ -140,8 +142,7 @@ class VLM(nn.Module):
         decoder = self.llm.get_decoder()
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, **packed).last_hidden_state
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, answer_positions)
-        logits = self.llm.get_output_embeddings()(picked)
-        return F.cross_entropy(logits.float(), answer_ids, reduction="sum")
+        return head_loss_sum(self.llm.get_output_embeddings(), picked, answer_ids, loss_chunk)
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """Mean loss per answer token of this batch (for quick use; training uses `loss_sum`)."""

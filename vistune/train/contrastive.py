@@ -34,7 +34,7 @@ from vistune.data.validate import ensure_valid
 from vistune.model.contrastive import ContrastiveModel, save_contrastive
 from vistune.model.text_tower import build_text_tower
 from vistune.model.vlm import VLM
-from vistune.train.objective import Batcher, StageContext, move_to, pixel_fn
+from vistune.train.objective import Batcher, StageContext, move_to, pixel_fn, stage_output
 
 
 def checked_pairs(
@@ -166,7 +166,7 @@ def contrastive_stage(stage: Stage, model: VLM, ctx: StageContext) -> Contrastiv
         stage.on_bad_record,
     )
     options = stage.options
-    text = build_text_tower(options.text_tower, llm=model.cfg.llm.name_or_path)
+    text = build_text_tower(stage_output(options.text_tower, ctx.run_dir), llm=model.cfg.llm.name_or_path)
     clip = ContrastiveModel(model.vision, text, options.embed_dim, options.loss)
     out = ctx.run_dir / "stages" / stage.name if ctx.is_main else None
     return ContrastiveObjective(clip, pairs, stage, ctx.device, holds=model, save_to=out, skipped=skipped)

@@ -1,11 +1,14 @@
 """The built-in stage kinds, and how a stage's objective is looked up and built.
 
 Built in: `vlm` (answer-token loss on conversations), `contrastive` (CLIP/SigLIP image-text
-pretraining of the tower) and `classify` (the tower with a linear head on an ImageFolder). Extensions
+pretraining of the tower), `classify` (the tower with a linear head on an ImageFolder), and text
+pretraining: `clm` (the LLM's next-token loss on raw text), `mlm`, `nsp` and `plm` (a text encoder's
+masked tokens, next sentences and permutation order; docs/text.md). Extensions
 add theirs through their entry point (`vistune.extensions.register_stage_kind`); `stage_kinds` joins
 both. A kind also says whether DDP must look for parameters that get no gradient: a tower that learns
 may hold some its features never reach (a CLIP or SigLIP tower's final layer norm, the layers above
-`feature_layer`), and DDP fails at the next step unless it is told to look, which costs every step.
+`feature_layer`), and DDP fails at the next step unless it is told to look, which costs every step; an
+encoder stage trains heads its objective does not use (the NSP head in an `mlm` stage).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from vistune.extensions import StageKindPart
 from vistune.model.vlm import VLM
 from vistune.train.classifier import classify_stage
 from vistune.train.contrastive import contrastive_stage
+from vistune.train.masked import mlm_stage, nsp_stage
 from vistune.train.objective import Objective, StageContext
+from vistune.train.permuted import plm_stage
+from vistune.train.text import clm_stage
 from vistune.train.vlm import VLMObjective
 
 
@@ -35,6 +41,10 @@ BUILT_IN: dict[str, StageKindPart] = {
     "vlm": StageKindPart(VLMObjective, BUILT_IN_OPTIONS["vlm"], _trains_the_tower),
     "contrastive": StageKindPart(contrastive_stage, BUILT_IN_OPTIONS["contrastive"], _trains_a_tower),
     "classify": StageKindPart(classify_stage, BUILT_IN_OPTIONS["classify"], True),
+    "clm": StageKindPart(clm_stage, BUILT_IN_OPTIONS["clm"], False),
+    "mlm": StageKindPart(mlm_stage, BUILT_IN_OPTIONS["mlm"], True),
+    "nsp": StageKindPart(nsp_stage, BUILT_IN_OPTIONS["nsp"], True),
+    "plm": StageKindPart(plm_stage, BUILT_IN_OPTIONS["plm"], True),
 }
 
 

@@ -61,7 +61,7 @@ class Run:
 
     def context(self) -> StageContext:
         """The StageContext objectives are built with."""
-        return StageContext(self.accelerator.device, self.dir, self.accelerator.is_main_process)
+        return StageContext(self.accelerator.device, self.dir, self.accelerator.is_main_process, self.seed)
 
 
 def make_accelerator(find_unused_parameters: bool = True) -> Accelerator:

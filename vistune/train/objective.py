@@ -35,11 +35,26 @@ from vistune.model.vlm import VLM
 
 @dataclass(frozen=True)
 class StageContext:
-    """Where a stage runs: its device, the run dir, and whether this is the main process."""
+    """Where a stage runs: its device, the run dir, whether this is the main process, and the run's seed."""
 
     device: torch.device
     run_dir: Path
     is_main: bool = True
+    seed: int = 0
+
+
+def stage_output(name: str, run_dir: Path) -> str:
+    """`stage:NAME` as the directory where this run's stage NAME wrote its model (OUT/stages/NAME: a
+    contrastive stage's image-text model, an encoder stage's encoder); any other name as it is."""
+    if not name.startswith("stage:"):
+        return name
+    path = Path(run_dir) / "stages" / name.removeprefix("stage:")
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{name}: nothing written at {path}; the stage {name.removeprefix('stage:')!r} must come "
+            "earlier in this run (an mlm, nsp, plm or contrastive stage)"
+        )
+    return str(path)
 
 
 class Batcher(Protocol):

@@ -8,7 +8,9 @@ on the stage's device when the stage's images fit in `FEATURE_CACHE_GB` (or as
 `options.cache_features` says). Features are computed inside `forward`, so a wrapped model (DDP, FSDP)
 is in charge of its weights. Batches are built on the CPU (`ConversationBatcher`, in DataLoader workers
 with `stage.workers`) with everything the step needs (the answer positions, the loss-target count), so
-a step on a GPU reads nothing back to the host. With `options.pack` a micro-batch's records share rows.
+a step on a GPU reads nothing back to the host. With `options.pack` a micro-batch's records share rows;
+`options.compile` runs the model's loss through `torch.compile`, and `options.loss_chunk` computes the
+LM head and cross-entropy a chunk of answer rows at a time (`vistune.model.head_loss`).
 """
 
 from __future__ import annotations
@@ -125,6 +127,19 @@ class ConversationBatcher:
         return out
 
 
+def compiled(loss: Callable[..., torch.Tensor], stage: Stage) -> Callable[..., torch.Tensor]:
+    """`loss` through `torch.compile` with the stage's `options.compile_backend` (the model is not
+    changed: later stages and inference run it as it was)."""
+    backend = stage.options.compile_backend
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"stage {stage.name!r}: options.compile_backend {backend!r} is not a torch.compile backend "
+            f"(e.g. {', '.join(torch._dynamo.list_backends())}, aot_eager, eager)"
+        )
+    # dynamic: every batch has its own length; one graph for all of them instead of a compile per shape
+    return torch.compile(loss, backend=backend, dynamic=True)
+
+
 class VLMObjective(nn.Module):
     """Summed next-token cross-entropy over the answer tokens of a stage's conversations."""
 
@@ -156,6 +171,9 @@ class VLMObjective(nn.Module):
         self._features: dict[str, torch.Tensor] = {}  # image path -> (N, D) features on the device
         learning_tower = None if self.frozen else model.vision
         self.drift = ImageDrift(model.llm.get_input_embeddings().weight, learning_tower)
+        self.loss_chunk = stage.options.loss_chunk
+        loss = model.answer_loss_sum
+        self._loss = compiled(loss, stage) if stage.options.compile else loss
         self._batcher = ConversationBatcher(
             self.data,
             model.tokenizer.pad_token_id,
@@ -232,7 +250,7 @@ class VLMObjective(nn.Module):
         if features is not None:
             batch["image_embeds"] = self.model.project(features)
             self.drift.add(batch["image_embeds"], pixels)
-        loss = self.model.answer_loss_sum(**batch, checked=True)  # counted in `batch`
+        loss = self._loss(**batch, checked=True, loss_chunk=self.loss_chunk)  # counted in `batch`
         if features is None and _distributed():
             # A micro-batch of text only leaves the tower and projector out; sharded training (FSDP)
             # reduces the gradients of the same parameters on every process, so they take part with
