@@ -65,14 +65,14 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(one_stage):
     assert not model.llm.is_activation_checkpointing
 
 
-def test_a_tower_learning_through_the_llm_gets_a_tenth_of_the_rate_unless_told(one_stage, capsys):
+def test_a_tower_learning_through_the_llm_is_warned_before_training_at_its_own_rate(one_stage, capsys):
     from vistune.train.trainable import set_trainable
 
     stage, model = _setup(one_stage(["vision", "projector"], lr=0.01))
     objective = VLMObjective(stage, model, CPU)
-    assert "learns at lr_vision 1.0e-03" in capsys.readouterr().out
+    assert "warning: the vision tower learns through the LLM" in capsys.readouterr().out
     rates = [g["lr"] for g in set_trainable(objective, objective.parts(), stage) if g["vision"]]
-    assert rates and rates == pytest.approx([0.001] * len(rates))
-    stage, model = _setup(one_stage(["vision", "projector"], lr=0.01, lr_vision=0.005))
+    assert rates and rates == pytest.approx([0.01] * len(rates))  # the rate is the user's
+    stage, model = _setup(one_stage(["projector"], lr=0.01))
     VLMObjective(stage, model, CPU)
-    assert stage.lr_vision == 0.005 and "learns at" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().out  # a frozen tower is not warned about
