@@ -16,6 +16,7 @@ from vistune.commands.train import train
 from vistune.config import config_from_dict
 from vistune.train import checkpoint as ckpt
 from vistune.train import loop
+from vistune.train.rundir import resume_sha256
 
 
 def _saved(tmp_path, steps=(1, 2)) -> list:
@@ -184,3 +185,24 @@ def test_resume_on_a_run_dir_that_does_not_exist_is_an_error(cfg, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "nowhere" in err and "no run here" in err and "\n" not in err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_run_recorded_before_a_stage_option_existed_resumes(cfg, tmp_path, monkeypatch):
+    """A later version adds stage options with defaults: the earlier run's config.json and checkpoints
+    lack them, and `--resume` still continues it (a changed value is still refused)."""
+    reference = _weights(train(config_from_dict(cfg | {"out": str(tmp_path / "reference")})))
+    _killed_at(cfg, 3, monkeypatch)
+    run = tmp_path / "run"
+    older = json.loads((run / "config.json").read_text())
+    del older["stages"][0]["options"]["compile"]  # as an earlier version wrote it (default: false)
+    (run / "config.json").write_text(json.dumps(older))
+    older_sha = resume_sha256(older)
+    for state in (run / "checkpoints").glob("*/state.json"):  # and its checkpoints' SHA-256
+        info = json.loads(state.read_text())
+        state.write_text(json.dumps(info | {"config_sha256": older_sha}))
+    changed = json.loads(json.dumps(cfg))
+    changed["stages"][0].setdefault("options", {})["loss_chunk"] = 7
+    with pytest.raises(ValueError, match=r"differs from the run's in stages\[0\].options.loss_chunk"):
+        train(config_from_dict(changed), resume=True)
+    resumed = _weights(train(config_from_dict(cfg), resume=True))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)

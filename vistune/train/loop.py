@@ -58,6 +58,7 @@ class Run:
     keep_last: int = 2
     log_every: int = 10
     config_sha256: str | None = None  # what a resumed run must keep (`rundir.resume_sha256`)
+    recorded_sha256: str | None = None  # the same config as an earlier version recorded it (on resume)
 
     def context(self) -> StageContext:
         """The StageContext objectives are built with."""
@@ -113,7 +114,8 @@ def resumed_from(run: Run) -> tuple[Path, dict] | tuple[None, None]:
         print(f"resume: no usable checkpoint in {run.dir}; training from the first step", file=sys.stderr)
         return None, None
     written = info.get("config_sha256")
-    if written is not None and run.config_sha256 is not None and written != run.config_sha256:
+    same = (run.config_sha256, run.recorded_sha256)
+    if written is not None and run.config_sha256 is not None and written not in same:
         raise ValueError(
             f"{last}: written under a config that differs from this one in a field that may not change on "
             "--resume (its SHA-256); resume with the run's config, or start a new run"
@@ -140,7 +142,7 @@ def open_run(
     outputs); `resume` with a `config` that differs from the recorded one stops (see `rundir`).
     `find_unused_parameters` is passed to DDP (`make_accelerator`).
     """
-    check_run_dir(run_dir, config, resume, overwrite)
+    recorded = check_run_dir(run_dir, config, resume, overwrite)
     accelerator = make_accelerator(find_unused_parameters)
     set_seed(seed)
     if accelerator.is_main_process:
@@ -152,7 +154,7 @@ def open_run(
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, accelerator.is_main_process)
     fixed = resume_sha256(config) if config is not None else None
-    return Run(run_dir, accelerator, log, seed, save_every, keep_last, log_every, fixed)
+    return Run(run_dir, accelerator, log, seed, save_every, keep_last, log_every, fixed, recorded)
 
 
 def fit(

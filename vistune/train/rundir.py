@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vistune.config import config_from_dict
+
 # What vistune writes into a run dir (training runs, and the single-stage commands' output dirs).
 RUN_OUTPUTS = (
     "config.json", "run.json", "checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "model", "stages",
@@ -71,19 +73,21 @@ def present_outputs(run_dir: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
 
 
-def check_run_dir(run_dir: Path, config: dict[str, Any] | None, resume: bool, overwrite: bool) -> None:
-    """Stop before any work when this run would mix with the one already in `run_dir`."""
+def check_run_dir(run_dir: Path, config: dict[str, Any] | None, resume: bool, overwrite: bool) -> str | None:
+    """Stop before any work when this run would mix with the one already in `run_dir`. On `resume`,
+    returns the SHA-256 the run's checkpoints were written under when its recorded config is this one
+    in an earlier version's form (see `check_resume`), else None."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir}: exists and is not a directory; choose another --out (or `out`)")
     if resume:
-        check_resume(run_dir, config)
-        return
+        return check_resume(run_dir, config)
     found = present_outputs(run_dir)
     if found and not overwrite:
         raise ValueError(
             f"{run_dir}: holds a previous run ({', '.join(found)}); pass --resume to continue it, "
             "--overwrite to replace it, or choose another --out"
         )
+    return None
 
 
 def _read_json(path: Path) -> Any:
@@ -93,14 +97,23 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def check_resume(run_dir: Path, config: dict[str, Any] | None) -> None:
+def _current_form(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run config as this version writes it: fields added since (new stage options) get their
+    defaults, so a run recorded before they existed resumes. Other recorded dicts are kept as they are."""
+    try:
+        return config_from_dict(saved).to_dict()
+    except (ValueError, TypeError, KeyError):
+        return saved
+
+
+def check_resume(run_dir: Path, config: dict[str, Any] | None) -> str | None:
     """Stop a `--resume` into a dir that does not exist, or whose run's config cannot be checked or differs
     in a field that may not change (named when the run's `config.json` is there, by the recorded SHA-256
     when it is not). A dir that holds no run yet (a quickstart's data only) starts one."""
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: --resume, but there is no run here (no such directory); check --out")
     if config is None or not present_outputs(run_dir):  # no recorded config, or nothing to resume
-        return
+        return None
     saved, recorded = _read_json(run_dir / "config.json"), _read_json(run_dir / "run.json")
     if not isinstance(saved, dict) and not isinstance(recorded, dict):
         raise ValueError(
@@ -108,7 +121,7 @@ def check_resume(run_dir: Path, config: dict[str, Any] | None) -> None:
             "checked; start a new run instead (--overwrite, without --resume)"
         )
     if isinstance(saved, dict):
-        changed = differences(saved, config)
+        changed = differences(_current_form(saved), config)
         if changed:
             listed = "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
             raise ValueError(
@@ -116,6 +129,9 @@ def check_resume(run_dir: Path, config: dict[str, Any] | None) -> None:
                 "resume with the same config (only out, save_every, keep_last, log_every and a stage's "
                 "workers may change), or start a new run"
             )
+        # the fields were compared; the SHA-256 below stands in only when config.json is gone. The
+        # checkpoints carry the recorded form's SHA-256, which may predate fields added since.
+        return resume_sha256(saved)
     recorded = recorded if isinstance(recorded, dict) else {}
     if "resume_sha256" in recorded:
         expected, actual = recorded["resume_sha256"], resume_sha256(config)
@@ -126,6 +142,7 @@ def check_resume(run_dir: Path, config: dict[str, Any] | None) -> None:
             f"{run_dir}: --resume with a config whose SHA-256 differs from the run's (run.json; config.json "
             "is missing, so the fields cannot be named); resume with the same config, or start a new run"
         )
+    return None
 
 
 def clear_run_dir(run_dir: Path) -> None:
