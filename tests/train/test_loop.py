@@ -305,7 +305,7 @@ def test_unknown_stage_kind_stops_before_any_work(world, tmp_path):
     cfg = make_cfg(world, tmp_path / "rl")
     cfg["stages"][1]["kind"] = "rl"
     with pytest.raises(
-        ValueError, match=r"stage 'instruct': kind 'rl' is not one of \['classify', 'contrastive'"
+        ValueError, match=r"stage 'instruct': kind 'rl' is not one of \['classify', 'clm', 'contrastive'"
     ):
         train(config_from_dict(cfg))
     assert not (tmp_path / "rl").exists()
