@@ -1,0 +1,158 @@
+"""Does the quickstart's LLM bind a colour to its shape when it is told the scene as text? A cheap probe.
+
+    python benchmarks/binding_probe.py DATA_DIR OUT [--formats words,sentence] [--steps 60] [--probes 200]
+
+From a shapes world's scene graphs (DATA_DIR/scenes: train to learn from, test to score), builds existence
+probes "Is there a <colour> <shape> in the image?" of the kinds `pope_binding.py` sorts POPE probes into:
+present (answer yes), apart (the colour and the shape are both in the image, on different objects: no),
+one (only one of them is: no) and none (no). Each record holds the scene's ground-truth object list as
+text, in one of FORMATS, where the image would be. For each format it asks the base LLM (no training),
+then trains the quickstart recipe's instruct stage alone (same LLM, LoRA, learning rate) for `--steps`
+steps of 8 probes (half yes; the no half apart, one and none as 2:1:1) and asks again; it prints the
+accuracy of each kind on the test probes (as many present as apart, one and none together). A model that
+says yes whenever both words appear scores 1 on present and 0 on apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from vistune.commands.train import train
+from vistune.config import load_config
+from vistune.data.readers import load_records
+from vistune.eval.run import evaluate
+from vistune.infer.generate import load_generator
+from vistune.shapes.questions import COLORS, SHAPES, left_to_right
+from vistune.shapes.quickstart import RECIPE
+from vistune.shapes.scenes import load_scenes
+
+SLOTS, BINS = 6, 10
+
+
+def _words(o: dict, scene: dict) -> list[str]:
+    x, y = (min(int(o[k] / scene[s] * BINS), BINS - 1) for k, s in (("x", "width"), ("y", "height")))
+    return [o["size"], o["color"], o["shape"], str(x), str(y)]
+
+
+def as_projected(scene: dict) -> str:
+    """What object_words shows the LLM, as words: '2 small red star 3 7 large blue circle 5 2 none ...'."""
+    objs = [" ".join(_words(o, scene)) for o in left_to_right(scene)]
+    return " ".join([str(len(objs)), *objs, *["none none none none none"] * (SLOTS - len(objs))])
+
+
+def as_commas(scene: dict) -> str:
+    """The text ceiling's form: 'small red star 3 7, large blue circle 5 2'."""
+    return ", ".join(" ".join(_words(o, scene)) for o in left_to_right(scene))
+
+
+def as_sentence(scene: dict) -> str:
+    """English noun phrases: 'a small red star at 3 7; a large blue circle at 5 2.'"""
+    parts = [f"a {' '.join(w[:3])} at {w[3]} {w[4]}" for w in (_words(o, scene) for o in left_to_right(scene))]
+    return "; ".join(parts) + "."
+
+
+def as_lines(scene: dict) -> str:
+    """One object per line, numbered: '1. small red star 3 7\\n2. large blue circle 5 2'."""
+    return "\n".join(f"{i}. {' '.join(_words(o, scene))}" for i, o in enumerate(left_to_right(scene), 1))
+
+
+FORMATS = {"words": as_projected, "commas": as_commas, "sentence": as_sentence, "lines": as_lines}
+KINDS = ("present", "apart", "one", "none")
+
+
+def probe_kinds(scene: dict) -> dict[str, list[tuple[str, str]]]:
+    """Every colour+shape pair of the vocabulary, by kind for this scene."""
+    kinds: dict[str, list] = {k: [] for k in KINDS}
+    pairs = {(o["color"], o["shape"]) for o in scene["objects"]}
+    colors, shapes = {c for c, _ in pairs}, {s for _, s in pairs}
+    for c in COLORS:
+        for s in SHAPES:
+            kind = "present" if (c, s) in pairs else "apart" if c in colors and s in shapes else (
+                "one" if c in colors or s in shapes else "none")  # fmt: skip
+            kinds[kind].append((c, s))
+    return kinds
+
+
+def probes(scenes: list[dict], n: int, mix: dict[str, float], seed: int) -> list[tuple[dict, str, str]]:
+    """n (scene, kind, "colour shape") probes, kinds drawn by `mix`, from scenes that have an apart pair."""
+    rng = np.random.default_rng(seed)
+    usable = [s for s in scenes if probe_kinds(s)["apart"]]
+    names, weights = list(mix), np.array(list(mix.values()))
+    out = []
+    for i in range(n):
+        scene = usable[i % len(usable)]
+        kind = names[rng.choice(len(names), p=weights / weights.sum())]
+        options = probe_kinds(scene)[kind] or probe_kinds(scene)["apart"]
+        c, s = options[int(rng.integers(len(options)))]
+        out.append((scene, kind if probe_kinds(scene)[kind] else "apart", f"{c} {s}"))
+    return out
+
+
+def records(items: list[tuple[dict, str, str]], fmt: str) -> list[dict]:
+    """Text-only LLaVA records: the object list, then the question; answer yes for present probes."""
+    out = []
+    for i, (scene, kind, obj) in enumerate(items):
+        article = "an" if obj[0] in "aeiou" else "a"
+        question = f"{FORMATS[fmt](scene)}\nIs there {article} {obj} in the image?"
+        answer = "yes" if kind == "present" else "no"
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        out.append({"id": f"p{i}", "conversations": turns, "answer": answer, "kind": kind})
+    return out
+
+
+def score(model: str, path: Path) -> dict[str, float]:
+    """Accuracy per probe kind of a model (a model dir or an LLM) on a records file."""
+    recs = list(load_records(path))
+    rows, _ = evaluate(load_generator(model, batch_size=32), recs, "pope", batch_size=32)
+    kinds = [r.meta["kind"] for r in recs]
+    return {k: float(np.mean([row["correct"] for row, kk in zip(rows, kinds, strict=True) if kk == k]))
+            for k in KINDS if k in kinds}  # fmt: skip
+
+
+def train_on(fmt: str, out: Path, steps: int) -> Path:
+    """The recipe's instruct stage alone, on OUT/<fmt>/train.json, for `steps` steps of 8 probes."""
+    recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
+    recipe["stages"] = [s for s in recipe["stages"] if s["name"] == "instruct"]
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    overrides = [f"out={out / fmt}", f"data_root={out / fmt}", "stages.0.data=[{path: train.json}]",
+                 f"stages.0.max_steps={steps}", "stages.0.batch_size=8", "stages.0.grad_accum=1",
+                 "stages.0.max_length=96", "save_every=100000"]  # fmt: skip
+    return train(load_config(out / "recipe.yaml", overrides), resume=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir")
+    parser.add_argument("out")
+    parser.add_argument("--formats", default="words,sentence", help=f"comma-separated, of {', '.join(FORMATS)}")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--probes", type=int, default=200, help="test probes (half present, half not)")
+    parser.add_argument("--base", default="smollm2", help="the LLM asked before training")
+    args = parser.parse_args()
+    data, out = Path(args.data_dir), Path(args.out)
+    train_items = probes(load_scenes(data / "scenes" / "train.jsonl"), args.steps * 8,
+                         {"present": 4, "apart": 2, "one": 1, "none": 1}, seed=0)  # fmt: skip
+    test_items = probes(load_scenes(data / "scenes" / "test.jsonl"), args.probes,
+                        {"present": 2, "apart": 1, "one": 0.5, "none": 0.5}, seed=1)  # fmt: skip
+    for fmt in args.formats.split(","):
+        (out / fmt).mkdir(parents=True, exist_ok=True)
+        for name, items in (("train", train_items), ("test", test_items)):
+            (out / fmt / f"{name}.json").write_text(json.dumps(records(items, fmt)), encoding="utf-8")
+        before = score(args.base, out / fmt / "test.json")
+        start = time.perf_counter()
+        model = train_on(fmt, out, args.steps)
+        seconds = time.perf_counter() - start
+        after = score(str(model), out / fmt / "test.json")
+        for label, result in ((f"{args.base}, untrained", before), (f"{args.steps} steps, {seconds:.0f} s", after)):
+            cells = "  ".join(f"{k} {result[k]:.3f}" for k in KINDS if k in result)
+            print(f"{fmt:<9} {label:<24} {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
