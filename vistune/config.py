@@ -333,7 +333,7 @@ class Stage:
     data: list[DataSpec] = field(default_factory=list)
     train: list[str] = field(default_factory=lambda: ["projector"])
     lr: float = 1e-3
-    lr_vision: float | None = None  # defaults to lr
+    lr_vision: float | None = None  # defaults to lr (a vlm stage that trains the tower: lr / 10)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     epochs: float = 1.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from vistune.config import config_from_dict
@@ -62,3 +63,16 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(one_stage):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
     checkpointed.finish()  # merged and back to keeping activations for later stages
     assert not model.llm.is_activation_checkpointing
+
+
+def test_a_tower_learning_through_the_llm_gets_a_tenth_of_the_rate_unless_told(one_stage, capsys):
+    from vistune.train.trainable import set_trainable
+
+    stage, model = _setup(one_stage(["vision", "projector"], lr=0.01))
+    objective = VLMObjective(stage, model, CPU)
+    assert "learns at lr_vision 1.0e-03" in capsys.readouterr().out
+    rates = [g["lr"] for g in set_trainable(objective, objective.parts(), stage) if g["vision"]]
+    assert rates and rates == pytest.approx([0.001] * len(rates))
+    stage, model = _setup(one_stage(["vision", "projector"], lr=0.01, lr_vision=0.005))
+    VLMObjective(stage, model, CPU)
+    assert stage.lr_vision == 0.005 and "learns at" not in capsys.readouterr().out

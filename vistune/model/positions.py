@@ -55,32 +55,3 @@ class GridPositions(nn.Module):
         codes = self.codes.to(features.dtype).expand(features.shape[0], -1, -1)
         return torch.cat([features, codes], -1)
 
-
-PLACE_WORDS = ("left", "right", "top", "bottom")
-
-
-def word_vector(embeddings: torch.Tensor, tokenizer, word: str) -> torch.Tensor:
-    """The LLM's input embedding of `word` as it appears mid-sentence (the mean over its tokens)."""
-    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-    return embeddings[ids].detach().float().mean(0)
-
-
-class PlaceWords(nn.Module):
-    """(B, h*w, Dl) image tokens -> the same, each plus where it lies in the LLM's own words.
-
-    A token in column x (0 at the left edge, 1 at the right) and row y gets
-    (1 - x) E(left) + x E(right) + (1 - y) E(top) + y E(bottom), times a learned gain, where E is the
-    LLM's embedding of the word: the question's "left" already looks like the left tokens."""
-
-    def __init__(self, grid: tuple[int, int], embeddings: torch.Tensor, tokenizer) -> None:
-        super().__init__()
-        h, w = grid
-        left, right, top, bottom = (word_vector(embeddings, tokenizer, word) for word in PLACE_WORDS)
-        x = ((torch.arange(w) + 0.5) / w)[None, :, None]  # (1, w, 1)
-        y = ((torch.arange(h) + 0.5) / h)[:, None, None]  # (h, 1, 1)
-        table = (1 - x) * left + x * right + (1 - y) * top + y * bottom  # (h, w, Dl)
-        self.register_buffer("table", table.reshape(h * w, -1))
-        self.gain = nn.Parameter(torch.ones(()))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens + self.gain * self.table.to(tokens.dtype)

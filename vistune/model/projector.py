@@ -171,7 +171,7 @@ def build_projector(cfg: ProjectorConfig, ctx: ProjectorContext) -> nn.Module:
     table = projectors()
     if cfg.name not in table:
         raise ValueError(f"projector {cfg.name!r} is unknown; valid names: {sorted(table)}")
-    if cfg.name in BUILT_IN and set(cfg.options) - {"place_words"}:
+    if cfg.name in BUILT_IN and cfg.options:
         raise ValueError(f"projector {cfg.name!r} takes no options; got {sorted(cfg.options)}")
     if cfg.name not in BUILT_IN and cfg.position_codes:
         raise ValueError(

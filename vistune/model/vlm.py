@@ -23,7 +23,7 @@ from transformers.utils.generic import is_flash_attention_requested
 
 from vistune.config import ModelConfig, config_from_dict
 from vistune.model.llm import build_llm, image_token_id, load_llm, load_tokenizer, pick_dtype
-from vistune.model.positions import GridPositions, PlaceWords
+from vistune.model.positions import GridPositions
 from vistune.model.projector import ProjectorContext, build_projector, upgrade_projector
 from vistune.model.template import IGNORE
 from vistune.model.vision import VisionTower, build_vision_tower
@@ -55,10 +55,6 @@ class VLM(nn.Module):
             vision.hidden_size + codes, embeddings.shape[1], vision.grid, embeddings, tokenizer
         )
         self.projector = build_projector(cfg.projector, context)
-        # experimental: place words on the output tokens (grid-keeping projectors)
-        self.place = (
-            PlaceWords(vision.grid, embeddings, tokenizer) if cfg.projector.options.get("place_words") else None
-        )
         self.image_token_id = image_token_id(tokenizer)
         self.image_tokens = self.projector.num_tokens(vision.num_tokens)
 
@@ -66,14 +62,9 @@ class VLM(nn.Module):
         """(B, 3, H, W) pixels -> (B, image_tokens, D_llm) LLM-ready image embeddings."""
         return self.project(self.vision(pixel_values))
 
-    def image_side_parameters(self) -> list[nn.Parameter]:
-        """Parameters between the projector and the LLM (a place-word gain), trained with the projector."""
-        return [] if self.place is None else list(self.place.parameters())
-
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         """(B, N, D_vision) tower features -> (B, image_tokens, D_llm), with their places when coded."""
-        tokens = self.projector(self.positions(vision_features))
-        return tokens if self.place is None else self.place(tokens)
+        return self.projector(self.positions(vision_features))
 
     def embed(
         self,
@@ -211,7 +202,7 @@ def save_vlm(model: VLM, out_dir: str | Path, state: dict[str, torch.Tensor] | N
         llm, llm_state = copy.deepcopy(llm).merge_and_unload(), None
     llm.save_pretrained(out / "llm", state_dict=llm_state, safe_serialization=True)
     model.tokenizer.save_pretrained(out / "llm")
-    weights = {k: v for k, v in state.items() if k.startswith(("vision.", "projector.", "place."))}
+    weights = {k: v for k, v in state.items() if k.startswith(("vision.", "projector."))}
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, out / WEIGHTS_FILE)
     meta = {"model": dataclasses.asdict(model.cfg), "vision_arch": model.vision.arch()}
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -254,9 +245,7 @@ def load_vlm(
     llm = load_llm(cfg.llm.name_or_path, tokenizer, pick_dtype(cfg.llm.dtype, device))
     model = VLM(cfg, build_vision_tower(cfg.vision, arch=vision_arch), llm, tokenizer)
     state = load_file(Path(model_dir) / WEIGHTS_FILE)
-    for prefix, module in (("vision.", model.vision), ("projector.", model.projector), ("place.", model.place)):
-        if module is None:
-            continue
+    for prefix, module in (("vision.", model.vision), ("projector.", model.projector)):
         module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return model.to(device).eval()
 

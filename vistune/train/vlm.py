@@ -31,10 +31,23 @@ from vistune.train.drift import ImageDrift
 from vistune.train.objective import StageContext, move_to, pixel_fn
 
 FEATURE_CACHE_GB = 4.0  # the largest feature cache kept when a stage does not say
+TOWER_LR_SCALE = 0.1  # a tower learning in a vlm stage, at this share of the stage's rate by default
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def slow_tower(stage: Stage) -> None:
+    """A tower that learns through the LLM gets `TOWER_LR_SCALE` of the stage's rate unless the stage
+    names one (`lr_vision`); said before training. At the LLM's own rate its features move while the
+    projector and the LLM learn to read them (docs/own-images.md)."""
+    stage.lr_vision = stage.lr * TOWER_LR_SCALE
+    print(
+        f"stage {stage.name!r}: the vision tower learns at lr_vision {stage.lr_vision:.1e} "
+        f"({TOWER_LR_SCALE} x lr; set lr_vision to choose): at the LLM's own rate a tower's features drift",
+        flush=True,
+    )
 
 
 def add_lora(model: VLM, stage: Stage) -> None:
@@ -132,7 +145,9 @@ class VLMObjective(nn.Module):
                 activation_checkpointing_kwargs={"use_reentrant": False}
             )
         self.frozen = "vision" not in stage.train
-        model.vision.train(not self.frozen and not os.environ.get("EXP_FROZEN_BN"))  # EXPERIMENT
+        model.vision.train(not self.frozen)
+        if not self.frozen and stage.lr_vision is None:
+            slow_tower(stage)
         self.cache = self.frozen and (
             stage.options.cache_features
             if stage.options.cache_features is not None
@@ -171,7 +186,7 @@ class VLMObjective(nn.Module):
         llm = self.model.llm
         return {
             "vision": list(self.model.vision.parameters()),
-            "projector": [*self.model.projector.parameters(), *self.model.image_side_parameters()],
+            "projector": list(self.model.projector.parameters()),
             "llm": list(llm.parameters()),
             "lora": [p for n, p in llm.named_parameters() if "lora_" in n]
             if isinstance(llm, PeftModel)
