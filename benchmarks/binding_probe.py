@@ -46,6 +46,13 @@ def as_projected(scene: dict) -> str:
     return " ".join([str(len(objs)), *objs, *["none none none none none"] * (SLOTS - len(objs))])
 
 
+def as_first(scene: dict) -> str:
+    """As object_words shows it with `position_first`: each object's digits before its words,
+    '2 3 7 small red star 5 2 large blue circle none ...', so an object's last word comes after all of it."""
+    objs = [" ".join(w[3:] + w[:3]) for w in (_words(o, scene) for o in left_to_right(scene))]
+    return " ".join([str(len(objs)), *objs, *["none none none none none"] * (SLOTS - len(objs))])
+
+
 def as_commas(scene: dict) -> str:
     """The text ceiling's form: 'small red star 3 7, large blue circle 5 2'."""
     return ", ".join(" ".join(_words(o, scene)) for o in left_to_right(scene))
@@ -53,7 +60,9 @@ def as_commas(scene: dict) -> str:
 
 def as_sentence(scene: dict) -> str:
     """English noun phrases: 'a small red star at 3 7; a large blue circle at 5 2.'"""
-    parts = [f"a {' '.join(w[:3])} at {w[3]} {w[4]}" for w in (_words(o, scene) for o in left_to_right(scene))]
+    parts = [
+        f"a {' '.join(w[:3])} at {w[3]} {w[4]}" for w in (_words(o, scene) for o in left_to_right(scene))
+    ]
     return "; ".join(parts) + "."
 
 
@@ -62,7 +71,13 @@ def as_lines(scene: dict) -> str:
     return "\n".join(f"{i}. {' '.join(_words(o, scene))}" for i, o in enumerate(left_to_right(scene), 1))
 
 
-FORMATS = {"words": as_projected, "commas": as_commas, "sentence": as_sentence, "lines": as_lines}
+FORMATS = {
+    "words": as_projected,
+    "first": as_first,
+    "commas": as_commas,
+    "sentence": as_sentence,
+    "lines": as_lines,
+}
 KINDS = ("present", "apart", "one", "none")
 
 
@@ -106,13 +121,31 @@ def records(items: list[tuple[dict, str, str]], fmt: str) -> list[dict]:
     return out
 
 
-def score(model: str, path: Path) -> dict[str, float]:
-    """Accuracy per probe kind of a model (a model dir or an LLM) on a records file."""
+def question_records(data: Path, split: str, qtype: str, fmt: str, n: int) -> list[dict]:
+    """The first `n` records of `qtype` in DATA/<split>/vqa.json, each image replaced by its scene's object
+    list as text in `fmt`; kind "all" plus the reference answer as a second kind (a model that answers
+    from priors scores 1 on one answer and 0 on the other)."""
+    scenes = {s["image"]: s for s in load_scenes(data / "scenes" / f"{split}.jsonl")}
+    out = []
+    for rec in json.loads((data / split / "vqa.json").read_text(encoding="utf-8")):
+        if rec.get("question_type") != qtype or len(out) >= n:
+            continue
+        turns = [dict(t) for t in rec["conversations"]]
+        turns[0]["value"] = turns[0]["value"].replace("<image>", FORMATS[fmt](scenes[rec["image"]]))
+        out.append({"id": rec["id"], "conversations": turns, "answer": rec["answer"], "kind": rec["answer"]})
+    return out
+
+
+def score(model: str, path: Path, task: str = "pope") -> dict[str, float]:
+    """Accuracy per probe kind (and over all, "all") of a model (a model dir or an LLM) on a records file."""
     recs = list(load_records(path))
-    rows, _ = evaluate(load_generator(model, batch_size=32), recs, "pope", batch_size=32)
+    rows, _ = evaluate(load_generator(model, batch_size=32), recs, task, batch_size=32)
     kinds = [r.meta["kind"] for r in recs]
-    return {k: float(np.mean([row["correct"] for row, kk in zip(rows, kinds, strict=True) if kk == k]))
-            for k in KINDS if k in kinds}  # fmt: skip
+    result = {"all": float(np.mean([row["correct"] for row in rows]))}
+    order = [k for k in KINDS if k in kinds] + sorted(set(kinds) - set(KINDS))
+    for k in order:
+        result[k] = float(np.mean([row["correct"] for row, kk in zip(rows, kinds, strict=True) if kk == k]))
+    return result
 
 
 def train_on(fmt: str, out: Path, steps: int) -> Path:
@@ -127,15 +160,26 @@ def train_on(fmt: str, out: Path, steps: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data_dir")
     parser.add_argument("out")
-    parser.add_argument("--formats", default="words,sentence", help=f"comma-separated, of {', '.join(FORMATS)}")
+    parser.add_argument(
+        "--formats", default="words,sentence", help=f"comma-separated, of {', '.join(FORMATS)}"
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--probes", type=int, default=200, help="test probes (half present, half not)")
     parser.add_argument("--base", default="smollm2", help="the LLM asked before training")
+    parser.add_argument(
+        "--question-type", default=None,
+        help="instead of existence probes, DATA's VQA questions of this type (e.g. spatial): --steps x 8 "
+        "of the training split's, --probes of the test split's",
+    )  # fmt: skip
+    parser.add_argument("--skip-untrained", action="store_true", help="do not score the untrained LLM")
     args = parser.parse_args()
     data, out = Path(args.data_dir), Path(args.out)
+    # with --question-type only the lengths of these are used
     train_items = probes(load_scenes(data / "scenes" / "train.jsonl"), args.steps * 8,
                          {"present": 4, "apart": 2, "one": 1, "none": 1}, seed=0)  # fmt: skip
     test_items = probes(load_scenes(data / "scenes" / "test.jsonl"), args.probes,
@@ -143,14 +187,26 @@ def main() -> None:
     for fmt in args.formats.split(","):
         (out / fmt).mkdir(parents=True, exist_ok=True)
         for name, items in (("train", train_items), ("test", test_items)):
-            (out / fmt / f"{name}.json").write_text(json.dumps(records(items, fmt)), encoding="utf-8")
-        before = score(args.base, out / fmt / "test.json")
+            recs = (
+                question_records(data, name, args.question_type, fmt, len(items))
+                if args.question_type
+                else records(items, fmt)
+            )
+            (out / fmt / f"{name}.json").write_text(json.dumps(recs), encoding="utf-8")
+        task = "vqa" if args.question_type else "pope"
+        scored = (
+            []
+            if args.skip_untrained
+            else [(f"{args.base}, untrained", score(args.base, out / fmt / "test.json", task))]
+        )
         start = time.perf_counter()
         model = train_on(fmt, out, args.steps)
         seconds = time.perf_counter() - start
-        after = score(str(model), out / fmt / "test.json")
-        for label, result in ((f"{args.base}, untrained", before), (f"{args.steps} steps, {seconds:.0f} s", after)):
-            cells = "  ".join(f"{k} {result[k]:.3f}" for k in KINDS if k in result)
+        scored.append(
+            (f"{args.steps} steps, {seconds:.0f} s", score(str(model), out / fmt / "test.json", task))
+        )
+        for label, result in scored:
+            cells = "  ".join(f"{k} {v:.3f}" for k, v in result.items())
             print(f"{fmt:<9} {label:<24} {cells}", flush=True)
 
 
