@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from vistune.commands.train import train
@@ -28,6 +29,7 @@ from vistune.config import load_config
 from vistune.data.readers import load_records
 from vistune.eval.run import evaluate
 from vistune.infer.generate import load_generator
+from vistune.model.llm import smollm2_dir
 from vistune.shapes.questions import COLORS, SHAPES, left_to_right
 from vistune.shapes.quickstart import RECIPE
 from vistune.shapes.scenes import load_scenes
@@ -148,6 +150,87 @@ def score(model: str, path: Path, task: str = "pope") -> dict[str, float]:
     return result
 
 
+def _object_states(model, tok, scene: dict, fmt: str, layers: list[int]) -> list[dict[str, np.ndarray]]:
+    """One frozen forward pass over the scene's object list in `fmt` (words or first); per object, left to
+    right, the hidden states (one row per layer) at its shape word and at its y digit."""
+    pieces: list[tuple[str, str]] = []  # (text, role) pieces; each is one or more tokens
+    objs = left_to_right(scene)
+    pieces.append((str(len(objs)), "count"))
+    for o in objs:
+        size, color, shape, x, y = _words(o, scene)
+        named = [(size, "size"), (color, "color"), (shape, "shape")]
+        digits = [(x, "x"), (y, "y")]
+        pieces += digits + named if fmt == "first" else named + digits
+    ids, where = [], []
+    for text, role in pieces:  # each word as it is tokenised mid-sentence: " red", " 7" is " " + "7"
+        ids += tok(" " + text, add_special_tokens=False)["input_ids"]
+        where.append((role, len(ids) - 1))  # a piece's last token
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    states = np.stack([hidden[layer][0].float().numpy() for layer in layers], 1)  # (tokens, layers, D)
+    out: list[dict[str, np.ndarray]] = []
+    for role, pos in where[1:]:
+        if role == ("x" if fmt == "first" else "size"):  # an object's first piece
+            out.append({})
+        out[-1][role] = states[pos]
+    return out
+
+
+def frozen_probe(data: Path, formats: list[str], n_train: int, n_test: int) -> None:
+    """Is an object's vertical position in the states of the tokens a question names it by? For each
+    format, the base SmolLM2's hidden states (frozen) at each object's shape word; a logistic regression
+    per layer on the pair (state of A, state of B) says whether A is above B (centres more than
+    SPATIAL_MARGIN of the side apart), trained on pairs of `n_train` training scenes, scored on pairs of
+    `n_test` test scenes. Also from the states at the y digits (what the default order gives a question
+    to read from). Chance is about 0.5. And whether the state at an object's shape word says its colour
+    (a logistic regression per layer over the 6 colours)."""
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vistune.shapes.questions import SPATIAL_MARGIN
+
+    path = smollm2_dir()
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    layers = [0, 4, 8, 12, 16, 20, 24, 30]
+    splits = {"train": load_scenes(data / "scenes" / "train.jsonl")[:n_train],
+              "test": load_scenes(data / "scenes" / "test.jsonl")[:n_test]}  # fmt: skip
+    for fmt in formats:
+        feats: dict[str, dict[str, list]] = {}
+        for split, scenes in splits.items():
+            feats[split] = {"shape": [], "y": [], "label": [], "objects": []}
+            for scene in scenes:
+                states, objs = _object_states(model, tok, scene, fmt, layers), left_to_right(scene)
+                feats[split]["objects"] += [
+                    {"shape": st["shape"], "color": o["color"]} for st, o in zip(states, objs, strict=True)
+                ]
+                for i, a in enumerate(objs):
+                    for j, b in enumerate(objs):
+                        if i != j and abs(a["y"] - b["y"]) > SPATIAL_MARGIN * scene["height"]:
+                            for role in ("shape", "y"):
+                                feats[split][role].append(
+                                    np.concatenate([states[i][role], states[j][role]], -1)
+                                )
+                            feats[split]["label"].append(int(a["y"] < b["y"]))
+        # binding: the object's own colour from the state at its shape word (6 colours: chance ~0.17)
+        cells = []
+        for li, layer in enumerate(layers):
+            xs = {sp: np.stack([o["shape"][li] for o in feats[sp]["objects"]]) for sp in splits}
+            ys = {sp: [o["color"] for o in feats[sp]["objects"]] for sp in splits}
+            clf = LogisticRegression(max_iter=2000, C=0.1).fit(xs["train"], ys["train"])
+            cells.append(f"L{layer} {clf.score(xs['test'], ys['test']):.3f}")
+        n = len(feats["test"]["objects"])
+        print(f"{fmt:<6} colour at the shape ({n} test objects): {'  '.join(cells)}", flush=True)
+        for role in ("shape", "y"):
+            cells = []
+            for li, layer in enumerate(layers):
+                x_tr = np.stack(feats["train"][role])[:, li]
+                x_te = np.stack(feats["test"][role])[:, li]
+                clf = LogisticRegression(max_iter=2000, C=0.1).fit(x_tr, feats["train"]["label"])
+                cells.append(f"L{layer} {clf.score(x_te, feats['test']['label']):.3f}")
+            n = len(feats["test"]["label"])
+            print(f"{fmt:<6} states at the {role:<5} ({n} test pairs): {'  '.join(cells)}", flush=True)
+
+
 def train_on(fmt: str, out: Path, steps: int) -> Path:
     """The recipe's instruct stage alone, on OUT/<fmt>/train.json, for `steps` steps of 8 probes."""
     recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
@@ -177,8 +260,16 @@ def main() -> None:
         "of the training split's, --probes of the test split's",
     )  # fmt: skip
     parser.add_argument("--skip-untrained", action="store_true", help="do not score the untrained LLM")
+    parser.add_argument(
+        "--frozen", action="store_true",
+        help="no training: probe the frozen LLM's states for above/below (formats words, first; "
+        "--steps scenes of the training split, --probes of the test split)",
+    )  # fmt: skip
     args = parser.parse_args()
     data, out = Path(args.data_dir), Path(args.out)
+    if args.frozen:
+        frozen_probe(data, args.formats.split(","), args.steps, args.probes)
+        return
     # with --question-type only the lengths of these are used
     train_items = probes(load_scenes(data / "scenes" / "train.jsonl"), args.steps * 8,
                          {"present": 4, "apart": 2, "one": 1, "none": 1}, seed=0)  # fmt: skip
