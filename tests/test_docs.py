@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,9 +17,15 @@ def test_the_check_finds_a_tmp_path():
     assert _tmp_paths("runs/quickstart/model\n") == []
 
 
-@pytest.mark.xfail(strict=False, reason="README/docs clean-up pending")
 def test_readme_and_docs_hold_no_tmp_path():
     files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     assert len(files) > 3
     found = {str(f.relative_to(ROOT)): _tmp_paths(f.read_text(encoding="utf-8")) for f in files}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_readme_docs_and_changelog_name_no_issue_numbers():
+    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pattern = re.compile(r"\bissue[ -]?#?\d+", re.IGNORECASE)
+    found = {str(f.relative_to(ROOT)): pattern.findall(f.read_text(encoding="utf-8")) for f in files}
     assert {k: v for k, v in found.items() if v} == {}

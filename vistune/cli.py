@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vistune.data.digits:main_digits",
         "write scikit-learn's handwritten digits as images, conversations and VQA",
     ),
+    "data replay": (
+        "vistune.infer.replay:main_replay",
+        "write the base LLM's answers to plain-text prompts (keeps plain-text skills while tuning)",
+    ),
     "data validate": ("vistune.data.validate:main_validate", "check a dataset and report problems"),
     "data inspect": (
         "vistune.commands.inspect:main_inspect",

@@ -78,3 +78,14 @@ def test_every_built_in_projector_takes_codes_and_saves_and_loads(tiny_vlm, proj
     again = load_vlm(tmp_path / "m")
     assert again.cfg.projector.position_codes == 8
     torch.testing.assert_close(again.encode_images(pixels), out)
+
+
+def test_the_llava_format_refuses_position_codes_naming_the_field():
+    from vistune.config import ModelConfig, VisionConfig
+    from vistune.interop.llava import check_exportable
+
+    cfg = ModelConfig(vision=VisionConfig(kind="clip"), projector=ProjectorConfig(name="mlp2x_gelu"))
+    check_exportable(cfg)  # the same model without codes exports
+    cfg.projector.position_codes = 32
+    with pytest.raises(ValueError, match=r"position codes \(projector.position_codes: 32\)"):
+        check_exportable(cfg)

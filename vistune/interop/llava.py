@@ -64,6 +64,10 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"vision tower {cfg.vision.kind!r}")
     if cfg.projector.name not in PROJECTORS:
         problems.append(f"projector {cfg.projector.name!r}")
+    if cfg.projector.position_codes:
+        # LLaVA's projector reads the tower's features alone; codes appended to them have no place there
+        codes = cfg.projector.position_codes
+        problems.append(f"projector with position codes (projector.position_codes: {codes})")
     if problems:
         raise ValueError(
             f"the transformers LLaVA format cannot hold a {' and a '.join(problems)}; it exports "

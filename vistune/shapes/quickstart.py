@@ -35,7 +35,7 @@ from vistune.eval.report import write_suite_report
 from vistune.eval.run import run_eval
 from vistune.eval.text_bench import retention, text_records
 from vistune.infer.generate import load_generator
-from vistune.shapes.replay import write_replay
+from vistune.infer.replay import write_replay
 from vistune.shapes.suite import SHAPES_FILES, run_entry, run_suite
 from vistune.shapes.synth import synthesize
 
@@ -52,7 +52,7 @@ TEST_ONLY = {"caption": 50, "detailed": 100, "multiturn": 200}
 
 
 def make_data(data_dir: Path, sizes: dict[str, int], seed: int, base: str) -> None:
-    """Synthesize the shapes world and the base LLM's text replay (`replay.py`) into a temporary dir and
+    """Synthesize the shapes world and the base LLM's text replay (`infer/replay.py`) into a temporary dir and
     rename it into place, so a half-written dataset never counts."""
     if (data_dir / "manifest.json").is_file():
         print(f"data: reusing {data_dir}")

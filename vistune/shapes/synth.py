@@ -433,7 +433,7 @@ def main_synth(argv: list[str] | None = None) -> int:
         print(f"vistune data synth: error: {e}", file=sys.stderr)
         return 2
     if args.replay_base:
-        from vistune.shapes.replay import write_replay  # loads an LLM: only when asked
+        from vistune.infer.replay import write_replay  # loads an LLM: only when asked
 
         if sizes["train"]:
             try:

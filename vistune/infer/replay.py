@@ -1,6 +1,8 @@
-"""Text replay: plain-text prompts answered by the base LLM, mixed into the quickstart's instruct stage.
+"""Text replay: plain-text prompts answered by the base LLM, mixed into an instruct stage.
 
-Tuned only on short answers about images, the LLM learns to answer everything in a word ("What is the
+`vistune data replay --base smollm2 --out FILE` writes them; a recipe trains on the file beside its
+image conversations (`{path: train/text_replay.json, repeat: 10}`). Tuned only on short answers about
+images, the LLM learns to answer everything in a word ("What is the
 capital of Japan?" -> "capital"), and forgets how it answered plain text. Replaying its own answers to
 plain-text prompts (self-distillation) while it learns the images keeps that: the loss on these
 records pulls the adapters back towards what the base model says when no image is shown.
@@ -11,8 +13,10 @@ the built-in text-retention set (`vistune.eval.text_bench`, a test checks), whic
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from vistune.data.records import Turn
@@ -110,3 +114,21 @@ def write_replay(path: str | Path, base: str, batch_size: int = 32, max_new_toke
     tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return len(records)
+
+
+def main_replay(argv: list[str] | None = None) -> int:
+    """`vistune data replay --base LLM --out FILE`: the base LLM's answers to the replay prompts."""
+    p = argparse.ArgumentParser(prog="vistune data replay", description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="smollm2", help="the LLM the recipe starts from (default smollm2)")
+    p.add_argument("--out", required=True, help="the LLaVA JSON file to write (its folder must exist)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        p.error(f"--out {out}: folder {out.parent} does not exist")
+    try:
+        written = write_replay(out, args.base)
+    except (OSError, ValueError) as e:
+        print(f"vistune data replay: error: --base {args.base}: {e}", file=sys.stderr)
+        return 2
+    print(f"text replay: {written} records answered by {args.base} -> {out}")
+    return 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vistune.data.readers import load_records
 from vistune.eval.text_bench import QUESTIONS
-from vistune.shapes.replay import PROMPTS, write_replay
+from vistune.infer.replay import PROMPTS, write_replay
 
 
 def test_no_prompt_is_a_question_of_the_retention_set():
@@ -28,3 +30,14 @@ def test_write_replay_writes_the_base_models_answers_as_text_records(tmp_path, t
     assert all(not r.images and [t.role for t in r.turns] == ["user", "assistant"] for r in records)
     assert {r.turns[0].content for r in records} <= set(PROMPTS)
     assert all(r.turns[1].content for r in records)
+
+
+def test_the_replay_command_writes_the_file_and_names_a_missing_folder(tmp_path, tiny_llm_dir, capsys):
+    from vistune.infer.replay import main_replay
+
+    out = tmp_path / "replay.json"
+    assert main_replay(["--base", str(tiny_llm_dir), "--out", str(out)]) == 0
+    assert "text replay:" in capsys.readouterr().out and json.loads(out.read_text())
+    with pytest.raises(SystemExit) as stop:
+        main_replay(["--base", str(tiny_llm_dir), "--out", str(tmp_path / "nowhere" / "r.json")])
+    assert stop.value.code == 2 and "does not exist" in capsys.readouterr().err
