@@ -11,6 +11,20 @@ then trains the quickstart recipe's instruct stage alone (same LLM, LoRA, learni
 steps of 8 probes (half yes; the no half apart, one and none as 2:1:1) and asks again; it prints the
 accuracy of each kind on the test probes (as many present as apart, one and none together). A model that
 says yes whenever both words appear scores 1 on present and 0 on apart.
+
+    python benchmarks/binding_probe.py DATA_DIR OUT --question-type spatial --formats words,first
+
+The same training and scoring on DATA_DIR's VQA questions of one type instead (`--steps` x 8 training
+questions, `--probes` test questions), by reference answer. FORMATS: "words" is what object_words shows
+("small red star 3 7 ..."), "first" the same with each object's digits first (`position_first`).
+
+    python benchmarks/binding_probe.py DATA_DIR OUT --frozen --formats words,first --steps 150 --probes 80
+
+No training: the base SmolLM2's hidden states over each scene's object list (`--steps` training and
+`--probes` test scenes); per layer, a logistic regression on the states at two objects' shape words
+says which object is higher (and the same from the y digits), and one on the state at an object's
+shape word says its colour. Whether a question's words find, at the word that names an object, where
+and what that object is.
 """
 
 from __future__ import annotations
