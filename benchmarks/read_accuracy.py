@@ -59,6 +59,8 @@ def main() -> None:
             for scene, text in zip(chunk, model.projector.read(model.vision(pixels)), strict=True):
                 text = text.split(": ", 1)[-1]  # a projector with `count` says the number first
                 read, want = (text.split(", ") if text else []), truth(scene, model.projector.bins)
+                if getattr(model.projector, "position_first", False):  # "3 7 small red star"
+                    read = [" ".join(o.split()[2:] + o.split()[:2]) for o in read]
                 exact += read == want
                 if len(read) == len(want):
                     counted += 1

@@ -170,11 +170,21 @@ def test_both_wordings_cover_every_kind_and_share_no_template():
 @pytest.mark.parametrize("wording", sorted(WORDINGS))
 def test_every_template_says_what_its_kind_asks(wording):
     fields = {"color": {"a"}, "shape": {"a"}, "size": {"a"}, "count": {"p"}, "count_all": set(),
-              "exists": {"n", "p", "a"}, "caption": set(), "detailed": set()}  # fmt: skip
+              "exists": {"n", "p", "a"}, "caption": set(), "detailed": set(), "nearer": {"a", "b", "c"},
+              "largest": set(), "smallest": set(), "larger": {"a", "b"}, "smaller": {"a", "b"},
+              "refer_back": {"attr"}, "neighbour": {"attr", "side"}, "what_else": set()}  # fmt: skip
+    says = {"nearer": {"nearer", "closer"}, "largest": {"largest", "biggest"},
+            "smallest": {"smallest", "tiniest"}, "larger": {"larger", "bigger"}, "smaller": {"smaller"},
+            "what_else": {"else", "other", "besides"}}  # fmt: skip
     for kind, templates in WORDINGS[wording].items():
         for t in templates:
-            words = set(re.findall(r"[a-z]+", re.sub(r"\{\w\}", "", t).lower()))
-            used = set(re.findall(r"\{(\w)\}", t))
+            words = set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", "", t).lower()))
+            used = set(re.findall(r"\{(\w+)\}", t))
+            if kind in says:
+                assert words & says[kind], t
+            if kind == "unanswerable":  # about an object of the image, or about nothing in it
+                assert used <= {"a"}, t
+                continue
             if kind in STEMS:  # yes/no: says its relation and not the opposite one
                 opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}[kind]
                 assert words & STEMS[kind] and not words & STEMS[opposite], t
@@ -307,15 +317,35 @@ def test_caption_lists_objects_left_to_right():
     assert Q.indefinite("orange star") == "an orange star"
 
 
-def test_detailed_description_mentions_every_object_and_region():
-    for scene, texts in zip(SCENES[:50], TEXTS[:50], strict=True):
+def _region_by_digits(scene, o):
+    """A second derivation of an object's region: its position digits 0-9, cut 0-2 / 3-6 / 7-9."""
+    band = [min(int(10 * o[k] / scene[side]), 9) for k, side in (("x", "width"), ("y", "height"))]
+    col = ("left", "", "right")[(band[0] >= 3) + (band[0] >= 7)]
+    row = ("top", "", "bottom")[(band[1] >= 3) + (band[1] >= 7)]
+    name = f"{row} {col}".strip() or "center"
+    fixed = {"center": "in the center", "left": "on the left", "right": "on the right"}
+    return fixed.get(name, f"at the {name}")
+
+
+def test_detailed_description_names_every_object_left_to_right_with_its_region():
+    pattern = re.compile(r"(?:There (?:is|are)|The image shows|I can see) (\d) objects?: (.*)\.")
+    for scene, texts in zip(SCENES, TEXTS, strict=True):
         text = texts["detailed"][0]["conversations"][1]["value"]
-        for o in scene["objects"]:
-            assert f"{Q.phrase(o)} is" in text and Q.region(scene, o) in text
-        for a, b in re.findall(r"The (\w+ \w+ \w+) is to the left of the (\w+ \w+ \w+)\.", text):
-            (oa,) = [o for o in scene["objects"] if Q.phrase(o) == a]
-            (ob,) = [o for o in scene["objects"] if Q.phrase(o) == b]
-            assert oa["x"] < ob["x"] - 0.1 * scene["width"]
+        match = pattern.fullmatch(text)
+        assert match, text
+        objects = sorted(scene["objects"], key=lambda o: (o["x"], o["y"]))
+        assert int(match[1]) == len(objects)
+        parts = re.split(r", | and (?=an? )", match[2])
+        expected = [f"{'an' if o['size'][0] in 'aeiou' else 'a'} {o['size']} {o['color']} {o['shape']} "
+                    f"{_region_by_digits(scene, o)}" for o in objects]  # fmt: skip
+        assert parts == expected, text
+
+
+def test_regions_follow_the_position_digits():
+    cases = {(0.05, 0.05): "top left", (0.29, 0.5): "left", (0.3, 0.5): "center", (0.69, 0.69): "center",
+             (0.7, 0.1): "top right", (0.5, 0.95): "bottom", (0.99, 0.99): "bottom right"}  # fmt: skip
+    for (x, y), name in cases.items():
+        assert Q.region(_scene(), {"x": x * 64, "y": y * 64}) == name, (x, y)
 
 
 def test_class_label_is_majority_shape_with_leftmost_tie_break():

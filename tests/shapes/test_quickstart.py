@@ -12,7 +12,8 @@ def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, tiny_llm_dir, cap
     out = tmp_path / "qs"
     args = [
         "--out", str(out), "--train-images", "16", "--test-images", "4", "--eval-limit", "4",
-        "--batch-size", "4", "--profile", "cpu", "--base", str(tiny_llm_dir),
+        "--batch-size", "4", "--profile", "cpu", "--base", str(tiny_llm_dir), "--extra-limit", "3",
+        "--describe-limit", "2",
         "--set", f"model.llm.name_or_path={tiny_llm_dir}",
         "--set", "model.vision.resnet_widths=[8, 16]",
         "--set", "stages.0.epochs=1", "--set", "stages.0.batch_size=8",
@@ -24,6 +25,10 @@ def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, tiny_llm_dir, cap
     for split in ("test", "compositional", "shifted"):
         vqa = summary["vqa"][split]
         assert vqa["n"] == 4 and 0.0 <= vqa["exact_match"] <= 1.0
+        assert summary["relations"][split]["n"] == 3  # the relation and binding types
+    describe = summary["describe"]
+    assert describe["detailed"]["n_records"] == 2 and describe["caption"]["n_records"] == 1
+    assert 0.0 <= describe["detailed"]["graph_recall"] <= 1.0 and describe["multiturn"]["n_records"] == 4
     assert summary["profile"] == "cpu" and summary["device"].startswith(("CPU", "CUDA"))
     assert summary["pope"]["overall"]["n"] == 4 and 0.0 <= summary["pope"]["overall"]["f1"] <= 1.0
     # the tiny LLM is its own base here: the tuned model is compared with what it was before tuning
@@ -36,6 +41,11 @@ def test_tiny_quickstart_runs_end_to_end_and_resumes(tmp_path, tiny_llm_dir, cap
     assert (
         "profile: cpu" in printed and "POPE (test, 4 probes)" in printed and "plain-text questions" in printed
     )
+    assert (
+        "detailed descriptions (test, 2): scene-graph recall" in printed
+        and "follow-up turns (test, 4)" in printed
+    )
+    assert "relating objects and binding colour to shape:" in printed
     header = next(line for line in printed.splitlines() if line.startswith("question type"))
     assert header.split()[2:] == ["test", "compositional", "shifted"]
     manifest = json.loads((out / "data" / "manifest.json").read_text())

@@ -20,7 +20,8 @@ def _image(root, name, color=(255, 0, 0)):
     return name
 
 
-def _shapes_dir(tmp_path):
+def _shapes_dir(tmp_path, newer=True):
+    """A two-split shapes world of one image each; `newer`: with relation records and multiturn.json."""
     root = tmp_path / "shapes"
     for split in ("test", "compositional"):
         img = f"{split}/0.png"
@@ -71,11 +72,33 @@ def _shapes_dir(tmp_path):
                 }
             ],
         }
+        files["detailed"] = [
+            _record("d0", img, "Describe the image in detail.", "There is 1 object: a red circle.")
+        ]
+        if newer:
+            files["vqa"].append(_record("r0", img, "Is there a red circle?", "yes", question_type="binding"))
+            files["multiturn"] = [
+                _record("m0", img, "What colour is the circle?", "red", question_type="refer_back",
+                        follow=("And what size is it?", "small")),
+                _record("m1", img, "What time is it?", "I can't tell that from the image.",
+                        question_type="unanswerable"),
+            ]  # fmt: skip
         (root / split).mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             (root / split / f"{name}.json").write_text(json.dumps(data))
+        circle = {"color": "red", "shape": "circle", "size": "small", "x": 8.0, "y": 8.0}
+        scene = {"id": f"{split}-000000", "image": img, "width": 16, "height": 16, "objects": [circle]}
+        (root / "scenes").mkdir(exist_ok=True)
+        (root / "scenes" / f"{split}.jsonl").write_text(json.dumps(scene) + "\n")
     (root / "manifest.json").write_text(json.dumps({"labels": ["circle", "square"]}))
     return root
+
+
+def _record(rid, img, question, answer, follow=None, **extra):
+    turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+    if follow:
+        turns += [{"from": "human", "value": follow[0]}, {"from": "gpt", "value": follow[1]}]
+    return {"id": rid, "image": img, "answer": (follow or (None, answer))[1], "conversations": turns, **extra}
 
 
 def test_run_suite_compares_splits(tmp_path):
@@ -94,6 +117,34 @@ def test_run_suite_compares_splits(tmp_path):
     assert "| vqa | accuracy | 1.0000 | 1.0000 |" in suite_table(results)
     assert md.startswith("# Evaluation suite: shapes world\n")
     assert "## Generalisation gap" in md and "| vqa | accuracy | 0.0000 |" in md
+
+
+def test_the_suite_scores_relations_descriptions_and_follow_ups(tmp_path):
+    pred = FakePredictor({"red circle?": "yes", "in detail": "I see a red circle and a blue star.",
+                          "size is it": "small", "time": "I can't tell that from the image."})  # fmt: skip
+    names = ("vqa", "relations", "detailed", "multiturn")
+    results = run_suite(pred, _shapes_dir(tmp_path), tmp_path / "out", tasks=names, meteor=False)
+    test = results["test"]
+    assert test["vqa"]["n"] == 1 and set(test["vqa"]["by_question_type"]) == {"color"}  # the six types only
+    assert test["relations"]["n"] == 1 and test["relations"]["by_question_type"]["binding"]["accuracy"] == 1.0
+    # one object, named right; a blue star that is not there
+    assert test["detailed"]["graph_recall"] == 1.0 and test["detailed"]["graph_hallucination"] == 0.5
+    assert test["multiturn"]["by_question_type"] == {
+        "refer_back": {"accuracy": 1.0, "n": 1}, "unanswerable": {"accuracy": 1.0, "n": 1}}  # fmt: skip
+    table = suite_table(results)
+    assert "| detailed | graph_recall | 1.0000 | 1.0000 |" in table and "| multiturn | accuracy |" in table
+    rows = (tmp_path / "out" / "test" / "detailed" / "predictions.jsonl").read_text().splitlines()
+    assert json.loads(rows[0])["graph"]["hallucinated"] == 1
+    lines = generalisation_gap(results)
+    assert any(line.startswith("| relations | accuracy |") for line in lines)
+
+
+def test_a_dataset_older_than_the_new_entries_scores_as_before(tmp_path):
+    data = _shapes_dir(tmp_path, newer=False)
+    results = run_suite(FakePredictor(), data, tmp_path / "out", meteor=False, limit=10)
+    assert set(results["test"]) == {"vqa", "caption", "detailed", "pope", "classify"}
+    with pytest.raises(ValueError, match="no multiturn records"):
+        run_suite(FakePredictor(), data, tmp_path / "again", tasks=("multiturn",), meteor=False)
 
 
 def test_the_generalisation_gap_is_test_minus_each_other_split():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import colorsys
 import errno
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 from vistune import cli
 from vistune.shapes import questions as Q
+from vistune.shapes import relations as R
 from vistune.shapes import scenes as S
 from vistune.shapes import style as St
 from vistune.shapes import synth
@@ -198,6 +200,11 @@ def test_task_files_manifest_and_pairs_agree(dataset):
             assert len(records) == manifest["counts"][split][task]
             assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
             assert all(r["image"].startswith(f"{split}/") for r in records)
+        types = [r["question_type"] for r in json.loads((dataset / split / "vqa.json").read_text())]
+        assert manifest["vqa_counts"][split] == dict(sorted(Counter(types).items()))
+        six = sum(t in Q.QUESTION_TYPES for t in types)  # the six types first, then the relation types
+        assert set(types[:six]) <= set(Q.QUESTION_TYPES) and set(types[six:]) <= set(R.RELATION_TYPES)
+        assert len(json.loads((dataset / split / "multiturn.json").read_text())) == n
         pairs = [json.loads(line) for line in (dataset / split / "pairs.jsonl").read_text().splitlines()]
         scenes = {s["image"]: s for s in S.load_scenes(dataset / "scenes" / f"{split}.jsonl")}
         assert len(pairs) == n and all(p["caption"] == Q.caption(scenes[p["image"]]) for p in pairs)

@@ -57,8 +57,8 @@ def test_visual_words_needs_words(smollm2_tokenizer):
 OBJECT_WORDS = [["small", "large"], ["red", "blue"], ["circle", "star", "square"]]
 
 
-def _object_words(tokenizer, slots: int = 3, bins: int = 10, table=None, count: bool = False):
-    options = {"words": OBJECT_WORDS, "slots": slots, "position_bins": bins, "count": count}
+def _object_words(tokenizer, slots: int = 3, bins: int = 10, table=None, count: bool = False, **more):
+    options = {"words": OBJECT_WORDS, "slots": slots, "position_bins": bins, "count": count, **more}
     cfg = ProjectorConfig(name="object_words", options=options)
     return make(cfg, tokenizer, table)
 
@@ -109,6 +109,19 @@ def test_object_words_can_say_how_many_objects_it_found_first(smollm2_tokenizer)
     torch.testing.assert_close(y[0, 1], proj.words[0][0].detach(), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="slots must be at most 9 with count"):
         _object_words(smollm2_tokenizer, slots=10, count=True)
+
+
+def test_object_words_can_put_each_objects_position_before_its_words(smollm2_tokenizer):
+    proj = _object_words(smollm2_tokenizer, slots=3, count=True, position_first=True)
+    x = torch.zeros(1, GRID[0] * GRID[1], IN_DIM)
+    _plant(proj, x, {11: (1, 0, 1, 0.5, 0.5), 18: (0, 1, 2, 0.25, 0.75)})
+    assert proj.read(x) == ["2: 0 9 small blue square, 9 3 large red star"]
+    y = proj(x)
+    assert y.shape == (1, 1 + 3 * 5, OUT_DIM) and proj.num_tokens(24) == 16
+    # after the count: digit 0, digit 9, then small, blue, square; the second object starts with 9 3
+    expected = [proj.digits[0], proj.digits[9], proj.words[0][0], proj.words[1][1], proj.words[2][2]]
+    torch.testing.assert_close(y[0, 1:6], torch.stack(expected).detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y[0, 6:8], torch.stack([proj.digits[9], proj.digits[3]]).detach())
 
 
 def test_object_words_reads_one_object_per_centre_and_the_surest_slots(smollm2_tokenizer):

@@ -328,13 +328,22 @@ def _failure_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def headline(name: str, metrics: dict) -> tuple[str, ...]:
+    """The metric keys a suite table shows for its entry `name`: the entry's own `headline` list (an
+    extension's entry that is not named after a task, e.g. one task on another file), else its task's."""
+    if isinstance(metrics.get("headline"), list):
+        return tuple(metrics["headline"])
+    return get_task(name).headline
+
+
 def suite_table(results: dict) -> str:
-    """A markdown table: one row per task and headline metric, one column per split."""
+    """A markdown table: one row per task (or suite entry) and headline metric, one column per split."""
     splits = [s for s in results if s != "text"]
     tasks = sorted({t for s in splits for t in results[s]})
     rows = []
     for task in tasks:
-        for key in get_task(task).headline:
+        first = next(results[s][task] for s in splits if task in results[s])
+        for key in headline(task, first):
             rows.append((task, key, *(lookup(results[s].get(task, {}), key) for s in splits)))
     lines = markdown_table(["task", "metric", *splits], rows)
     if "text" in results:  # one built-in set, the same for every split

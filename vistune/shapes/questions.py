@@ -3,8 +3,9 @@
 A scene is the dict written to `scenes/<split>.jsonl` (see `synth.py`): `objects` is a list of
 `{"color", "shape", "size", "x", "y", ...}` with x, y the centre in pixels (y grows downward); only
 these five are read here. From it we derive a short caption, a detailed description, single-turn VQA,
-multi-turn conversations and a class label (POPE existence probes: `pope.py`). Every question kind has
-many wordings (`wordings.py`); the shifted split is worded with its own, held out.
+multi-turn conversations and a class label (POPE existence probes: `pope.py`; the kinds that relate
+objects and bind colours to shapes: `relations.py`; follow-up conversations: `multiturn.py`). Every
+question kind has many wordings (`wordings.py`); the shifted split is worded with its own, held out.
 
 Questions are only asked when their answer is unique and exact: an object is referred to by the
 shortest description (shape, colour+shape, ...) that matches exactly one object, and a spatial relation
@@ -29,6 +30,7 @@ COMBOS = tuple(product(COLORS, SHAPES))  # every (color, shape) object kind, in 
 QUESTION_TYPES = ("color", "shape", "size", "count", "exists", "spatial")
 LABELS = SHAPES  # classification labels: the majority shape
 SPATIAL_MARGIN = 0.1  # fraction of the image side two centres must differ by for a relation to be asked
+POSITION_BINS = 10  # the digits of a position the object_words projector reads (regions follow them)
 
 # The noun of an object named without its shape ("red object", "small red item"); shape questions never
 # say "shape" for the object they ask about.
@@ -86,7 +88,8 @@ def unique_reference(scene: dict, obj: dict, qtype: str) -> dict | None:
     return None
 
 
-def _the_one(scene: dict, target: dict) -> dict:
+def the_one(scene: dict, target: dict) -> dict:
+    """The one object matching `target`; ValueError when none or several do."""
     found = find(scene, target)
     if len(found) != 1:
         raise ValueError(f"scene {scene.get('id')}: {target} matches {len(found)} objects, not exactly one")
@@ -95,7 +98,7 @@ def _the_one(scene: dict, target: dict) -> dict:
 
 def _offset(scene: dict, params: dict, axis: str) -> float:
     """a minus b along x or y; refuse when the relation would be ambiguous."""
-    a, b = _the_one(scene, params["a"]), _the_one(scene, params["b"])
+    a, b = the_one(scene, params["a"]), the_one(scene, params["b"])
     delta = a[axis] - b[axis]
     if abs(delta) <= SPATIAL_MARGIN * scene["width" if axis == "x" else "height"]:
         raise ValueError(f"scene {scene.get('id')}: {params} is ambiguous (d{axis}={delta:.2f})")
@@ -111,7 +114,7 @@ def answer(scene: dict, question_type: str, params: dict) -> str:
     Raises ValueError when the question has no unique exact answer.
     """
     if question_type in ("color", "shape", "size"):
-        return _the_one(scene, params["target"])[question_type]
+        return the_one(scene, params["target"])[question_type]
     if question_type == "count":
         return str(len(find(scene, params["filter"])))
     if question_type == "exists":
@@ -134,10 +137,15 @@ def _attribute_question(
     for i in order:
         target = unique_reference(scene, scene["objects"][i], qtype)
         if target is not None:
-            # "What shape is the red shape?" would be odd: shape questions say object, item or thing.
-            noun = pick(rng, tuple(n for n in NOUNS if n != "shape") if qtype == "shape" else NOUNS)
-            return pick(rng, templates[qtype]).format(a=phrase(target, noun)), {"target": target}
+            return ask_attribute(target, qtype, rng, templates), {"target": target}
     return None
+
+
+def ask_attribute(target: dict, qtype: str, rng: np.random.Generator, templates: dict = TEMPLATES) -> str:
+    """The question for attribute `qtype` (color, shape, size) of the object `target` names."""
+    # "What shape is the red shape?" would be odd: shape questions say object, item or thing.
+    noun = pick(rng, tuple(n for n in NOUNS if n != "shape") if qtype == "shape" else NOUNS)
+    return pick(rng, templates[qtype]).format(a=phrase(target, noun))
 
 
 def _random_filter(scene: dict, rng: np.random.Generator) -> dict:
@@ -242,62 +250,68 @@ def vqa_prompt(question: str, rng: np.random.Generator, instructions: Sequence[s
     return f"{question}\n{pick(rng, instructions)}"
 
 
-def _left_to_right(scene: dict) -> list[dict]:
+def left_to_right(scene: dict) -> list[dict]:
+    """The scene's objects ordered by x, then y (the order captions, descriptions and the projector use)."""
     return sorted(scene["objects"], key=lambda o: (o["x"], o["y"]))
 
 
-def _join(parts: list[str]) -> str:
+def join(parts: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def caption(scene: dict) -> str:
     """Short caption listing the objects left to right: 'a small red star and a large blue circle'."""
-    return _join([indefinite(phrase(o)) for o in _left_to_right(scene)])
+    return join([indefinite(phrase(o)) for o in left_to_right(scene)])
+
+
+def _band(fraction: float) -> int:
+    """0, 1 or 2: which band of an axis a centre lies in, read through its position digit (0-9):
+    digits 0-2, 3-6 and 7-9 (the bands are 30%, 40% and 30% of the side)."""
+    digit = min(int(fraction * POSITION_BINS), POSITION_BINS - 1)
+    return 0 if digit <= 2 else 1 if digit <= 6 else 2
 
 
 def region(scene: dict, obj: dict) -> str:
-    """Where an object is, by thirds of the image: 'top left', 'center', 'bottom right', ..."""
-    col = ("left", "center", "right")[min(int(3 * obj["x"] / scene["width"]), 2)]
-    row = ("top", "middle", "bottom")[min(int(3 * obj["y"] / scene["height"]), 2)]
-    if row == "middle":
-        return "center" if col == "center" else f"middle {col}"
-    return f"{row} {col}" if col != "center" else row
+    """Where an object is, by its position digits: 'top left', 'top', 'left', 'center', 'bottom right'.
+
+    Each axis is cut where the object_words projector's digits (POSITION_BINS of them) change, so the
+    region is a function of the two digits the LLM reads ("small red star 1 8" is at the bottom left).
+    """
+    col = ("left", "", "right")[_band(obj["x"] / scene["width"])]
+    row = ("top", "", "bottom")[_band(obj["y"] / scene["height"])]
+    return " ".join(w for w in (row, col) if w) or "center"
+
+
+def where(scene: dict, obj: dict) -> str:
+    """The region with its preposition: 'at the top left', 'on the left', 'in the center'."""
+    name = region(scene, obj)
+    if name == "center":
+        return "in the center"
+    return f"on the {name}" if name in ("left", "right") else f"at the {name}"
+
+
+def object_list(scene: dict, objects: Sequence[dict]) -> str:
+    """'a small red star at the top left, a large blue circle in the center and ...' (in the given order)."""
+    return join([f"{indefinite(phrase(o))} {where(scene, o)}" for o in objects])
 
 
 def detailed(scene: dict, rng: np.random.Generator) -> str:
-    """A detailed description: object count, each object's region, and left/right relations."""
-    objs = _left_to_right(scene)
+    """A detailed description: how many objects, then each one left to right with its size, colour,
+    shape and region: 'There are 2 objects: a small red star at the top left and a large blue circle in
+    the center.' One draw from `rng` (the opener)."""
+    objs = left_to_right(scene)
     n = len(objs)
-    opener = pick(
-        rng,
-        (
-            "There {v} {n} {o} on a light background.",
-            "The image shows {n} {o}.",
-            "This picture contains {n} {o} on a plain light background.",
-        ),
-    )
-    text = [opener.format(v="is" if n == 1 else "are", n=n, o="object" if n == 1 else "objects")]
-    for o in objs:
-        where = region(scene, o)
-        text.append(
-            f"{indefinite(phrase(o)).capitalize()} is {'in the' if where == 'center' else 'at the'} {where}."
-        )
-    margin = SPATIAL_MARGIN * scene["width"]
-    for a, b in zip(objs[:-1], objs[1:], strict=True):
-        full = ("size", "color", "shape")
-        same_kind = (
-            len(find(scene, {k: a[k] for k in full})) > 1 or len(find(scene, {k: b[k] for k in full})) > 1
-        )
-        if b["x"] - a["x"] > margin and not same_kind:
-            text.append(f"The {phrase(a)} is to the left of the {phrase(b)}.")
-    return " ".join(text)
+    opener = pick(rng, ("There {v} {n} {o}:", "The image shows {n} {o}:", "I can see {n} {o}:"))
+    head = opener.format(v="is" if n == 1 else "are", n=n, o="object" if n == 1 else "objects")
+    return f"{head} {object_list(scene, objs)}."
 
 
 def class_label(scene: dict) -> str:
     """The majority shape; a tie goes to the tied shape whose object is leftmost (smallest x, then y)."""
     counts = {s: sum(o["shape"] == s for o in scene["objects"]) for s in SHAPES}
     best = max(counts.values())
-    return next(o["shape"] for o in _left_to_right(scene) if counts[o["shape"]] == best)
+    return next(o["shape"] for o in left_to_right(scene) if counts[o["shape"]] == best)
 
 
 def classify_prompt() -> str:

@@ -6,8 +6,10 @@
    LoRA on SmolLM2-135M-Instruct tuned on conversations and VQA, reading each image through the
    object_words projector as "small red star 3 7, ...";
 3. evaluate VQA on the held-out test split, the compositional split (unseen colour+shape pairs) and the
-   shifted split (unseen canvases, backgrounds and wordings), POPE on the test split, and plain-text
-   questions against the base SmolLM2; print a table and example answers.
+   shifted split (unseen canvases, backgrounds and wordings): the six question types and the relation
+   and binding types; on the test split POPE, short captions (CIDEr, BLEU-4), detailed descriptions
+   (scene-graph recall and the share of named objects that do not exist) and follow-up conversations;
+   and plain-text questions against the base SmolLM2; print a table and example answers.
 
 Everything lands in OUT: data/, model/ (loadable by `vistune chat` and `vistune eval`), metrics.jsonl,
 loss.png, eval/ (reports, predictions, sample grids) and quickstart.json (the figures and timings).
@@ -29,11 +31,12 @@ import torch
 from vistune.commands.train import train
 from vistune.config import load_config
 from vistune.eval.loaders import load_llava
+from vistune.eval.report import write_suite_report
 from vistune.eval.run import run_eval
 from vistune.eval.text_bench import retention, text_records
 from vistune.infer.generate import load_generator
 from vistune.infer.replay import write_replay
-from vistune.shapes.suite import SHAPES_FILES, run_suite
+from vistune.shapes.suite import SHAPES_FILES, run_entry, run_suite
 from vistune.shapes.synth import synthesize
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -43,6 +46,9 @@ REPLAY = "train/text_replay.json"  # the base LLM's answers to plain-text prompt
 RECIPE = PROFILES["cpu"]  # the recipe the CPU benchmarks measure
 SPLITS = {"train": 8000, "val": 200, "test": 500, "compositional": 500, "shifted": 500}
 EVAL_SPLITS = ("test", "compositional", "shifted")  # scored, each the size of test
+# Records scored on the test split only, per entry of the shapes suite (generation is the slow part:
+# a description is ~70 tokens); relations are scored on every split, `--extra-limit` of them.
+TEST_ONLY = {"caption": 50, "detailed": 100, "multiturn": 200}
 
 
 def make_data(data_dir: Path, sizes: dict[str, int], seed: int, base: str) -> None:
@@ -90,6 +96,14 @@ def main_quickstart(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     parser.add_argument("--eval-limit", type=int, default=500, help="VQA questions per split (0: all)")
     parser.add_argument(
+        "--extra-limit", type=int, default=150,
+        help="relation and binding questions per split (0: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--describe-limit", type=int, default=TEST_ONLY["detailed"],
+        help="detailed descriptions scored on the test split (0: all); captions: half as many",
+    )  # fmt: skip
+    parser.add_argument(
         "--base",
         default="smollm2",
         help="the base LLM: it writes the text replay and is compared on plain text",
@@ -106,9 +120,14 @@ def main_quickstart(argv: list[str] | None = None) -> int:
     cfg = load_config(recipe, [f"data_root={out / 'data'}", f"out={out}", *args.set])
     model_dir = train(cfg, resume=True)
     train_time = time.perf_counter() - started - data_time
-    results = evaluate(
-        model_dir, out / "data", out / "eval", args.batch_size, args.eval_limit or None, args.base
-    )
+    limits = {
+        "vqa": args.eval_limit or None,
+        "relations": args.extra_limit or None,
+        "detailed": args.describe_limit or None,
+        "caption": (args.describe_limit + 1) // 2 or None,
+        "multiturn": TEST_ONLY["multiturn"],
+    }
+    results = evaluate(model_dir, out / "data", out / "eval", args.batch_size, limits, args.base)
     summary = {
         "seconds": {"data": round(data_time, 1), "train": round(train_time, 1),
                     "eval": round(time.perf_counter() - started - data_time - train_time, 1),
@@ -116,6 +135,8 @@ def main_quickstart(argv: list[str] | None = None) -> int:
         "profile": profile,
         "device": device_name(),
         "vqa": {split: results[split]["vqa"] for split in EVAL_SPLITS},
+        "relations": {split: results[split].get("relations") for split in EVAL_SPLITS},
+        "describe": {name: results["test"].get(name) for name in TEST_ONLY},
         "pope": results["pope"],
         "text": results["text"],
         "peak_memory_gb": round(peak_memory_gb(), 2),
@@ -147,16 +168,24 @@ def device_name() -> str:
 
 
 def evaluate(
-    model_dir: Path, data_dir: Path, eval_dir: Path, batch_size: int, limit: int | None, base_llm: str
+    model_dir: Path, data_dir: Path, eval_dir: Path, batch_size: int, limits: dict, base_llm: str
 ) -> dict:
-    """VQA on EVAL_SPLITS (the first `limit` questions of each) and POPE on the test split's first
-    `limit` probes, with reports; and the built-in text questions, asked of the model and of its base
-    LLM (what visual instruction tuning kept of the LLM's plain-text skills)."""
+    """The shapes suite's VQA entries on EVAL_SPLITS (`limits[name]` records each: vqa, relations), and on
+    the test split POPE (`limits["vqa"]` probes), captions, detailed descriptions and follow-up
+    conversations (TEST_ONLY), with reports; and the built-in text questions, asked of the model and
+    of its base LLM (what visual instruction tuning kept of the LLM's plain-text skills)."""
     predictor = load_generator(str(model_dir), batch_size=batch_size)
     results = run_suite(
-        predictor, data_dir, eval_dir, EVAL_SPLITS, tasks=("vqa",), batch_size=batch_size, limit=limit
-    )
-    probes = load_llava(data_dir / "test" / SHAPES_FILES["pope"])[:limit]
+        predictor, data_dir, eval_dir, EVAL_SPLITS, tasks=("vqa", "relations"), batch_size=batch_size,
+        limits=limits,
+    )  # fmt: skip
+    for name in TEST_ONLY:  # METEOR (a Java start-up) is left to `vistune eval --suite shapes`
+        results["test"][name] = run_entry(
+            predictor, data_dir, eval_dir, "test", name, limits[name], batch_size=batch_size, meteor=False
+        )
+    info = {"data": str(data_dir), "splits": ", ".join(EVAL_SPLITS)}
+    write_suite_report(eval_dir, results, "shapes", info=info)
+    probes = load_llava(data_dir / "test" / SHAPES_FILES["pope"])[: limits["vqa"]]
     results["pope"] = run_eval(
         predictor, probes, "pope", eval_dir / "test" / "pope", image_root=data_dir / "images",
         info={"split": "test"}, batch_size=batch_size,
@@ -172,31 +201,61 @@ def evaluate(
 
 
 def print_summary(summary: dict, out: Path) -> None:
-    """The accuracy table by question type, and a few example answers."""
-    vqa = summary["vqa"]
+    """The accuracy table by question type, descriptions and follow-ups, and a few example answers."""
+    vqa, relations = summary["vqa"], summary.get("relations") or {}
     widths = [max(8, len(split) + 2) for split in EVAL_SPLITS]
+
+    def row(label: str, cells: list) -> None:
+        print(f"{label:<16}" + "".join(_cell(c, w) for c, w in zip(cells, widths, strict=True)))
+
     print("\nexact-match accuracy on held-out single-turn VQA")
     print(f"{'question type':<16}" + "".join(f"{s:>{w}}" for s, w in zip(EVAL_SPLITS, widths, strict=True)))
     for qtype in sorted(vqa["test"].get("by_question_type", {})):
-        cells = [vqa[s]["by_question_type"].get(qtype, {}).get("accuracy") for s in EVAL_SPLITS]
-        print(f"{qtype:<16}" + "".join(_cell(c, w) for c, w in zip(cells, widths, strict=True)))
-    cells = [vqa[s]["exact_match"] for s in EVAL_SPLITS]
-    print(f"{'all':<16}" + "".join(_cell(c, w) for c, w in zip(cells, widths, strict=True)))
+        row(qtype, [vqa[s]["by_question_type"].get(qtype, {}).get("accuracy") for s in EVAL_SPLITS])
+    row("all", [vqa[s]["exact_match"] for s in EVAL_SPLITS])
+    if relations.get("test"):
+        print("relating objects and binding colour to shape:")
+        for qtype in sorted(relations["test"].get("by_question_type", {})):
+            groups = [(relations.get(s) or {}).get("by_question_type") or {} for s in EVAL_SPLITS]
+            row(qtype, [g.get(qtype, {}).get("accuracy") for g in groups])
+        row("all relations", [(relations.get(s) or {}).get("exact_match") for s in EVAL_SPLITS])
     pope, text = summary["pope"]["overall"], summary["text"]
     print(
         f"\nPOPE (test, {pope['n']} probes): F1 {pope['f1']:.3f}, precision {pope['precision']:.3f}, "
         f"recall {pope['recall']:.3f}, yes ratio {pope['yes_ratio']:.2f}"
     )
+    _print_describe(summary.get("describe") or {})
     print(
         f"plain-text questions: model {text['model_accuracy']:.3f}, "
         f"base {text['base']} {text['base_accuracy']:.3f} (retained {_ratio(text['retention'])})"
     )
     print("\nexamples (test split):")
-    for row in examples(out / "eval"):
-        question = row["prompt"].replace("<image>", "").strip().splitlines()[0]
-        print(f"  [{'ok ' if row.get('correct') else 'bad'}] {question}")
-        print(f"        model: {row['answer']!r}   reference: {row['references'][0]!r}")
+    for example in examples(out / "eval"):
+        question = example["prompt"].replace("<image>", "").strip().splitlines()[0]
+        print(f"  [{'ok ' if example.get('correct') else 'bad'}] {question}")
+        print(f"        model: {example['answer']!r}   reference: {example['references'][0]!r}")
     print(f"\ntimes (s): {summary['seconds']}; peak memory {summary['peak_memory_gb']} GB; run dir: {out}")
+
+
+def _print_describe(describe: dict) -> None:
+    """The test split's captions, detailed descriptions and follow-up conversations, one line each."""
+    caption, detailed, follow = (describe.get(k) for k in ("caption", "detailed", "multiturn"))
+    if caption:
+        print(
+            f"captions (test, {caption['n_records']}): CIDEr {caption['CIDEr']:.3f}, "
+            f"BLEU-4 {caption['BLEU-4']:.3f}"
+        )
+    if detailed:
+        print(
+            f"detailed descriptions (test, {detailed['n_records']}): scene-graph recall "
+            f"{detailed['graph_recall']:.3f}, named objects that do not exist "
+            f"{detailed['graph_hallucination']:.3f}, "
+            f"right size too {detailed['graph_size_recall']:.3f}, CIDEr {detailed['CIDEr']:.3f}, "
+            f"BLEU-4 {detailed['BLEU-4']:.3f}"
+        )
+    if follow:
+        kinds = ", ".join(f"{k} {m['accuracy']:.3f}" for k, m in follow["by_question_type"].items())
+        print(f"follow-up turns (test, {follow['n_records']}): {follow['exact_match']:.3f} ({kinds})")
 
 
 def _ratio(value: float | None) -> str:

@@ -34,7 +34,7 @@ SEEN = tuple(c for c in Q.COMBOS if c not in HELD_OUT)
 MAX_OBJECTS = 6
 MARGIN_PX = 2.0  # minimum gap between two objects' circumcircles, in pixels
 MIN_IMAGE_SIZE = 24  # six objects no longer fit reliably below this side (16 px: up to ~500 tries)
-STREAMS = {"scene": 0, "texts": 1, "pixels": 2, "pope": 3, "style": 4}
+STREAMS = {"scene": 0, "texts": 1, "pixels": 2, "pope": 3, "style": 4, "relations": 5, "multiturn": 6}
 
 
 def rng_for(seed: int, split: str, index: int, stream: int) -> np.random.Generator:

@@ -1,7 +1,10 @@
 """The shapes suite: every evaluation task on the shapes world's test, compositional and shifted splits.
 
-`run_suite` runs VQA, captioning, POPE and classification on each split (and the built-in text set
-once), writes each task's report and one report comparing the splits. The compositional split asks
+`run_suite` runs on each split the suite's entries (ENTRIES): VQA on the six question types, the
+relation and binding types of `relations.py` (also VQA), short captions, detailed descriptions (caption
+metrics and scene-graph recall, `graph_recall.py`), follow-up conversations scored on their last turn
+(`multiturn.py`, VQA grouped by the turn's kind), POPE and classification; and the built-in text set
+once. It writes each entry's report and one report comparing the splits. The compositional split asks
 about unseen colour+shape pairs; the shifted split draws unseen canvases and backgrounds and words its
 questions in unseen ways. `vistune eval MODEL --suite shapes --data DIR` runs it from the command line.
 """
@@ -10,24 +13,54 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from vistune.data.records import Record
 from vistune.eval import report
 from vistune.eval.command import positive_int
-from vistune.eval.loaders import load_llava
-from vistune.eval.run import Predictor, run_eval
-from vistune.eval.tasks import get_task
+from vistune.eval.loaders import LOAD_ERROR, load_llava
+from vistune.eval.run import Predictor, evaluate, run_eval
 from vistune.eval.text_bench import text_records
 from vistune.infer.generate import load_generator
+from vistune.shapes import questions as Q
+from vistune.shapes import relations as R
+from vistune.shapes.graph_recall import graph_recall, score_description
+from vistune.shapes.scenes import load_scenes
 
 SUITE_SPLITS = ("test", "compositional", "shifted")
-SHAPES_FILES = {
-    "vqa": "vqa.json",
-    "caption": "captions.json",
-    "pope": "pope.json",
-    "classify": "classify.json",
-}
+DESCRIBE_TOKENS = 112  # a detailed description of six objects is about 70 tokens
+FOLLOW_UP_TOKENS = 48  # "what else": up to five objects as a caption
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the suite scores under one name on each split: a task on a file of the split, the question
+    types it keeps (vqa.json holds two groups), its generation budget and, for an entry not named after
+    its task, the metrics its table row shows."""
+
+    file: str
+    task: str
+    types: tuple[str, ...] | None = None
+    max_new_tokens: int | None = None
+    headline: tuple[str, ...] | None = None
+
+
+ENTRIES = {
+    "vqa": Entry("vqa.json", "vqa", Q.QUESTION_TYPES),
+    "relations": Entry("vqa.json", "vqa", R.RELATION_TYPES, headline=("accuracy",)),
+    "caption": Entry("captions.json", "caption"),
+    "detailed": Entry("detailed.json", "caption", None, DESCRIBE_TOKENS,
+                      ("graph_recall", "graph_hallucination", "CIDEr")),
+    "multiturn": Entry("multiturn.json", "vqa", None, FOLLOW_UP_TOKENS, ("accuracy",)),
+    "pope": Entry("pope.json", "pope"),
+    "classify": Entry("classify.json", "classify"),
+}  # fmt: skip
+SHAPES_FILES = {name: entry.file for name, entry in ENTRIES.items()}
+# Entries that datasets written before them lack (no file, or no records of their types): the default
+# suite skips them there, so older datasets score as before; named explicitly, they are required.
+NEWER = ("relations", "multiturn")
 
 
 def shapes_labels(data_dir: str | Path) -> list[str]:
@@ -52,37 +85,106 @@ def suite_splits(data_dir: str | Path) -> tuple[str, ...]:
     return splits
 
 
+def entry_records(data_dir: Path, split: str, name: str, limit: int | None) -> list[Record]:
+    """The first `limit` records of entry `name` on `split` (a malformed record is kept: it is scored
+    as a failure)."""
+    if name not in ENTRIES:
+        raise ValueError(f"unknown shapes suite entry {name!r}; valid entries: {', '.join(ENTRIES)}, text")
+    entry = ENTRIES[name]
+    records = load_llava(data_dir / split / entry.file)
+    if entry.types is not None:
+        records = [r for r in records if r.meta.get("question_type") in entry.types or LOAD_ERROR in r.meta]
+    return records[:limit]
+
+
+def run_entry(
+    predictor: Predictor, data_dir: str | Path, out_dir: str | Path, split: str, name: str,
+    limit: int | None = None, **kwargs,
+) -> dict | None:  # fmt: skip
+    """Score entry `name` (one of ENTRIES) on `split`, writing OUT/<split>/<name>/; None when the entry is
+    one of NEWER and the dataset predates it. kwargs: `run_eval`'s (batch_size, labels, meteor,
+    image_loader)."""
+    data_dir, entry = Path(data_dir), ENTRIES.get(name)
+    if entry and name in NEWER and not (data_dir / split / entry.file).is_file():
+        return None
+    records = entry_records(data_dir, split, name, limit)
+    if not records and name in NEWER:
+        return None
+    out = Path(out_dir) / split / name
+    info = {"split": split, "data": str(data_dir / split / entry.file)}
+    kwargs |= {"image_root": data_dir / "images", "max_new_tokens": entry.max_new_tokens}
+    if name == "detailed":
+        scenes = {s["image"]: s for s in load_scenes(data_dir / "scenes" / f"{split}.jsonl")}
+        metrics = score_descriptions(predictor, records, scenes, out, info, **kwargs)
+    else:
+        metrics = run_eval(predictor, records, entry.task, out, info=info, **kwargs)
+    if entry.headline:
+        metrics["headline"] = list(entry.headline)
+    return metrics
+
+
+def score_descriptions(
+    predictor: Predictor, records: list[Record], scenes: dict[str, dict], out: Path, info: dict, **kwargs
+) -> dict:
+    """Detailed descriptions: caption metrics against the reference description, and scene-graph recall
+    against the image's scene (`graph_recall`: graph_recall, graph_hallucination, graph_size_recall,
+    graph_exact); writes OUT/predictions.jsonl (each row with its `graph` counts) and the report."""
+    rows, metrics = evaluate(predictor, records, "caption", **kwargs)
+    pairs = []
+    for row in rows:
+        scene = scenes.get(row["images"][0]) if row["images"] else None
+        if scene is None:
+            raise ValueError(f"record {row['id']!r}: no scene graph for image {row['images'][:1]} in scenes/")
+        text = "" if row.get("error") else row["answer"]
+        row["graph"] = score_description(text, scene)
+        pairs.append((text, scene))
+    graph = graph_recall(pairs)
+    metrics |= {f"graph_{k}": graph[k] for k in ("recall", "hallucination", "size_recall", "exact")}
+    metrics["graph"] = graph
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_predictions(rows, out / "predictions.jsonl")
+    image_root, loader = kwargs.get("image_root"), kwargs.get("image_loader")
+    report.write_report(out, "caption", metrics, rows, image_root=image_root, info=info, image_loader=loader)
+    return metrics
+
+
 def run_suite(
     predictor: Predictor,
     data_dir: str | Path,
     out_dir: str | Path,
     splits: Sequence[str] | None = None,
-    tasks: Sequence[str] = ("vqa", "caption", "pope", "classify", "text"),
+    tasks: Sequence[str] | None = None,
     batch_size: int = 8,
     limit: int | None = None,
     image_loader: Callable[[str], object] | None = None,
     meteor: bool = True,
+    limits: Mapping[str, int] | None = None,
 ) -> dict:
-    """Every task on each shapes-world split; returns {split: {task: metrics}, "text": metrics}.
+    """Every entry on each shapes-world split; returns {split: {entry: metrics}, "text": metrics}.
 
-    Writes OUT/<split>/<task>/ (each task's report), OUT/text/ and OUT/report.md comparing splits.
-    `splits` defaults to the SUITE_SPLITS the dataset holds (`suite_splits`). `limit` caps records per
-    file (for quick looks). The text task does not depend on the split.
+    Writes OUT/<split>/<entry>/ (each entry's report), OUT/text/ and OUT/report.md comparing splits.
+    `splits` defaults to the SUITE_SPLITS the dataset holds (`suite_splits`); `tasks` to every entry
+    (ENTRIES, then "text"), skipping the NEWER ones a dataset predates. `limit` caps records per entry
+    (for quick looks), `limits` per entry name. The text task does not depend on the split.
     """
     data_dir, out = Path(data_dir), Path(out_dir)
     splits = suite_splits(data_dir) if splits is None else tuple(splits)
-    labels = shapes_labels(data_dir) if "classify" in tasks else None
+    names = list(tasks) if tasks is not None else [*ENTRIES, "text"]
+    labels = shapes_labels(data_dir) if "classify" in names else None
     results: dict = {}
     for split in splits:
         results[split] = {}
-        for task in [t for t in tasks if t != "text"]:
-            records = load_llava(data_dir / split / SHAPES_FILES[task])[:limit]
-            results[split][task] = run_eval(
-                predictor, records, task, out / split / task, image_root=data_dir / "images",
-                info={"split": split, "data": str(data_dir / split / SHAPES_FILES[task])},
-                image_loader=image_loader, batch_size=batch_size, labels=labels, meteor=meteor,
+        for name in [t for t in names if t != "text"]:
+            explicit = tasks is not None and name in NEWER
+            metrics = run_entry(
+                predictor, data_dir, out, split, name, (limits or {}).get(name, limit), batch_size=batch_size,
+                image_loader=image_loader, labels=labels, meteor=meteor,
             )  # fmt: skip
-    if "text" in tasks:
+            if metrics is None and explicit:
+                raise ValueError(f"{data_dir / split}: no {name} records (a dataset older than them?)")
+            if metrics is not None:
+                results[split][name] = metrics
+    if "text" in names:
         results["text"] = run_eval(
             predictor, text_records()[:limit], "text", out / "text", batch_size=batch_size
         )
@@ -100,7 +202,7 @@ def generalisation_gap(results: dict) -> list[str]:
         return []
     rows = []
     for task, metrics in results["test"].items():
-        for key in get_task(task).headline:
+        for key in report.headline(task, metrics):
             base = report.lookup(metrics, key)
             if not isinstance(base, (int, float)):
                 continue

@@ -8,7 +8,9 @@ processes and writes the result. The shifted split's texts use the held-out word
 Layout written by `synthesize(out, ...)`:
     scenes/<split>.jsonl           one scene graph per line (the source of every text)
     images/<split>/<id>.png        the renderings
-    <split>/<task>.json            LLaVA records: captions, detailed, vqa, conversations, pope, classify
+    <split>/<task>.json            LLaVA records: captions, detailed, vqa, conversations, pope, classify,
+                                   multiturn; vqa.json holds the six question types of every image
+                                   first, then the relation and binding types (`relations.py`)
     <split>/pairs.jsonl            {"image", "caption"} lines for contrastive training
     manifest.json                  seed, sizes, vocabulary, held-out combos, labels, counts
     imagefolder/<split>/<label>/   optional ImageFolder view (hard links)
@@ -28,13 +30,16 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from vistune.data.outdir import OutputKind, check_out, move_into_place, staging_dir
 from vistune.data.records import IMAGE_PLACEHOLDER
+from vistune.shapes import multiturn as M
 from vistune.shapes import pope
 from vistune.shapes import questions as Q
+from vistune.shapes import relations as R
 from vistune.shapes import style as St
 from vistune.shapes import wordings as W
 from vistune.shapes.scenes import (
@@ -49,7 +54,7 @@ from vistune.shapes.scenes import (
     sample_scene,
 )
 
-TASKS = ("captions", "detailed", "vqa", "conversations", "pope", "classify")
+TASKS = ("captions", "detailed", "vqa", "conversations", "pope", "classify", "multiturn")
 VQA_PER_IMAGE = 3
 DEFAULT_SIZES = {"train": 8000, "val": 500, "test": 500, "compositional": 500, "shifted": 500}
 CHUNK = 250  # images per worker job
@@ -107,7 +112,47 @@ def scene_texts(scene: dict, seed: int) -> dict[str, list[dict]]:
     ]
     label = Q.class_label(scene)
     out["classify"] = [_llava(f"{sid}-classify", img, [(Q.classify_prompt(), label)], label=label)]
-    return out
+    return out | extra_texts(scene, seed)
+
+
+def extra_texts(scene: dict, seed: int) -> dict[str, list[dict]]:
+    """The records of the relation and binding questions ("relations", appended to vqa.json) and the
+    follow-up conversation ("multiturn") of one scene, each from its own RNG stream, so the records of
+    `scene_texts`' first stream stay as they were."""
+    index, held_out = int(scene["id"].rsplit("-", 1)[1]), scene["split"] == SHIFTED
+    templates = W.SHIFTED_TEMPLATES if held_out else W.TEMPLATES
+    instructions = {
+        False: W.SHIFTED_INSTRUCTIONS if held_out else W.INSTRUCTIONS,
+        True: W.SHIFTED_NAME_INSTRUCTIONS if held_out else W.NAME_INSTRUCTIONS,
+    }
+    sid, img = scene["id"], scene["image"]
+    rng = rng_for(seed, scene["split"], index, STREAMS["relations"])
+    relations = []
+    for i, q in enumerate(R.relation_questions(scene, rng, templates)):
+        prompt = Q.vqa_prompt(q["question"], rng, instructions[q["question_type"] in R.NAMED_ANSWERS])
+        relations.append(
+            _llava(
+                f"{sid}-rel{i}",
+                img,
+                [(prompt, q["answer"])],
+                question_type=q["question_type"],
+                answer=q["answer"],
+                params=q["params"],
+            )
+        )
+    turns = M.conversation(scene, rng_for(seed, scene["split"], index, STREAMS["multiturn"]), templates)
+    multiturn = _llava(
+        f"{sid}-multiturn",
+        img,
+        [(question, ans) for _, question, _, ans in turns],
+        question_type=turns[-1][0],
+        answer=turns[-1][3],
+        params=turns[-1][2],
+        turn_types=[t[0] for t in turns],
+        turn_params=[t[2] for t in turns],
+        turn_answers=[t[3] for t in turns],
+    )
+    return {"relations": relations, "multiturn": [multiturn]}
 
 
 def pope_records(scene: dict, seed: int, stats: dict) -> list[dict]:
@@ -180,20 +225,24 @@ def _dump(path: Path, data) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_split(out: Path, split: str, scenes: list[dict], texts: list[dict]) -> dict:
-    """Write one split's scene JSONL, task files and pairs; return record counts per task."""
+def _write_split(out: Path, split: str, scenes: list[dict], texts: list[dict]) -> tuple[dict, dict]:
+    """Write one split's scene JSONL, task files and pairs; return record counts per task and VQA
+    question counts per type."""
     with open(out / "scenes" / f"{split}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(s) + "\n" for s in scenes)
     (out / split).mkdir(exist_ok=True)
     counts = {}
     for task in TASKS:
         records = [r for t in texts for r in t[task]]
+        if task == "vqa":  # the six types first, as before the relation types existed
+            records += [r for t in texts for r in t["relations"]]
+            by_type = dict(sorted(Counter(r["question_type"] for r in records).items()))
         _dump(out / split / f"{task}.json", records)
         counts[task] = len(records)
     with open(out / split / "pairs.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"image": s["image"], "caption": Q.caption(s)}) + "\n" for s in scenes)
     counts["pairs"] = len(scenes)
-    return counts
+    return counts, by_type
 
 
 def _check_arguments(
@@ -270,8 +319,10 @@ def _write_all(
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
     (out / "scenes").mkdir(exist_ok=True)
     scenes, texts, stats = _generate(out, sizes, seed, image_size, workers)
-    counts = {split: _write_split(out, split, scenes[split], texts[split]) for split in SPLITS}
+    written = {split: _write_split(out, split, scenes[split], texts[split]) for split in SPLITS}
+    counts = {split: c for split, (c, _) in written.items()}
     manifest = _manifest(seed, image_size, sizes, stats, counts)
+    manifest["vqa_counts"] = {split: by_type for split, (_, by_type) in written.items()}
     if imagefolder:
         write_imagefolder(out, scenes)
     _dump(out / "manifest.json", manifest)  # last: a dir with a manifest is complete
@@ -305,11 +356,16 @@ def _manifest(seed: int, image_size: int | None, sizes: dict, stats: dict, count
             "backgrounds": list(St.SHIFTED_BACKGROUNDS),
             "templates": W.SHIFTED_TEMPLATES,
             "instructions": list(W.SHIFTED_INSTRUCTIONS),
+            "name_instructions": list(W.SHIFTED_NAME_INSTRUCTIONS),
         },
         "labels": list(Q.LABELS),
         "label_rule": "majority shape; ties go to the tied shape of the leftmost object (smallest x, then y)",
-        "question_types": list(Q.QUESTION_TYPES),
+        "question_types": list(Q.QUESTION_TYPES) + list(R.RELATION_TYPES),
+        "turn_kinds": list(M.TURN_KINDS),
+        "near_margin": R.NEAR_MARGIN,
+        "position_bins": Q.POSITION_BINS,
         "instructions": list(W.INSTRUCTIONS),
+        "name_instructions": list(W.NAME_INSTRUCTIONS),
         "no_instruction_fraction": Q.NO_INSTRUCTION,
         "spatial_margin": Q.SPATIAL_MARGIN,
         "pope_popular_ranking": popular,

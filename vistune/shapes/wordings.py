@@ -8,8 +8,12 @@ from __future__ import annotations
 # The wording of every question kind. The keys: color, shape, size ({a}: the object), count ({p}: a
 # plural such as "red stars"), count_all (every object), exists ({n}: "a red star", {p}, {a}: "red
 # star"), left/right/above/below (yes/no: is {a} <relation> {b}?), horizontal/vertical (answers
-# left/right or above/below), caption, detailed. TEMPLATES word every split but the shifted one;
-# SHIFTED_TEMPLATES word the shifted split only (held out: no seen split ever uses them).
+# left/right or above/below), caption, detailed. The kinds `relations.py` asks: nearer (which of {a}
+# and {b} is nearer to {c}), largest/smallest (the one object of that size), larger/smaller (which of
+# {a} and {b}). The follow-up turns of `multiturn.py`: refer_back ({attr} of "it", the object the
+# previous turn asked about), neighbour ({attr} of the object just to its {side}), what_else,
+# unanswerable ({a}: an object of the image, or no field). TEMPLATES word every split but the shifted
+# one; SHIFTED_TEMPLATES word the shifted split only (held out: no seen split ever uses them).
 TEMPLATES = {
     "color": (
         "What color is the {a}?",
@@ -150,6 +154,73 @@ TEMPLATES = {
         "What do you see? Describe the objects, their positions and relations.",
         "Describe this picture thoroughly.",
     ),
+    "nearer": (
+        "Which is nearer to the {c}, the {a} or the {b}?",
+        "Which is closer to the {c}: the {a} or the {b}?",
+        "Is the {a} or the {b} nearer to the {c}?",
+        "Which of the {a} and the {b} is closer to the {c}?",
+        "What is nearer to the {c}, the {a} or the {b}?",
+        "Which one is closer to the {c}, the {a} or the {b}?",
+    ),
+    "largest": (
+        "Which object is the largest?",
+        "Which is the biggest object?",
+        "What is the largest object in the image?",
+        "Which shape is the biggest?",
+        "Name the largest object.",
+    ),
+    "smallest": (
+        "Which object is the smallest?",
+        "Which is the smallest object?",
+        "What is the smallest object in the image?",
+        "Which shape is the tiniest?",
+        "Name the smallest object.",
+    ),
+    "larger": (
+        "Which is larger, the {a} or the {b}?",
+        "Which is bigger: the {a} or the {b}?",
+        "Is the {a} or the {b} larger?",
+        "Which of the {a} and the {b} is bigger?",
+        "What is larger, the {a} or the {b}?",
+    ),
+    "smaller": (
+        "Which is smaller, the {a} or the {b}?",
+        "Which is smaller: the {a} or the {b}?",
+        "Is the {a} or the {b} smaller?",
+        "Which of the {a} and the {b} is smaller?",
+        "What is smaller, the {a} or the {b}?",
+    ),
+    "refer_back": (
+        "And what {attr} is it?",
+        "What {attr} is it?",
+        "And its {attr}?",
+        "What is its {attr}?",
+        "Tell me its {attr} too.",
+        "What about its {attr}?",
+    ),
+    "neighbour": (
+        "And what {attr} is the object just to its {side}?",
+        "What {attr} is the object right next to it on the {side}?",
+        "And the one just {side} of it: what {attr} is it?",
+        "What is the {attr} of the object just to the {side} of it?",
+        "And the next object to its {side}, what {attr} is that?",
+    ),
+    "what_else": (
+        "What else is there?",
+        "What else do you see?",
+        "What other objects are there?",
+        "Anything else in the picture?",
+        "What else is in the image?",
+    ),
+    "unanswerable": (
+        "What is the {a}'s name?",
+        "What time is it in the picture?",
+        "Who drew this picture?",
+        "What is the {a} made of?",
+        "How much does the {a} weigh?",
+        "What is the weather like in the picture?",
+        "Why is the {a} there?",
+    ),
 }
 SHIFTED_TEMPLATES = {
     "color": (
@@ -227,6 +298,43 @@ SHIFTED_TEMPLATES = {
         "Walk me through everything in this image.",
         "Explain in detail what the picture contains and where.",
     ),
+    "nearer": (
+        "Which lies closer to the {c}: the {a} or the {b}?",
+        "Seen from the {c}, is the {a} or the {b} nearer?",
+    ),
+    "largest": (
+        "Which object is drawn the largest?",
+        "Which one of the objects is the biggest?",
+    ),
+    "smallest": (
+        "Which object is drawn the smallest?",
+        "Which one of the objects is the tiniest?",
+    ),
+    "larger": (
+        "Which one is drawn larger, the {a} or the {b}?",
+        "Between the {a} and the {b}, which is bigger?",
+    ),
+    "smaller": (
+        "Which one is drawn smaller, the {a} or the {b}?",
+        "Between the {a} and the {b}, which is smaller?",
+    ),
+    "refer_back": (
+        "Which {attr} does it have, then?",
+        "Could you also tell me its {attr}?",
+    ),
+    "neighbour": (
+        "Which {attr} has its nearest neighbour on the {side}?",
+        "Could you tell me the {attr} of the object immediately to its {side}?",
+    ),
+    "what_else": (
+        "Is there anything besides that?",
+        "Which other objects can be seen?",
+    ),
+    "unanswerable": (
+        "Who owns the {a}?",
+        "In which city was this picture taken?",
+        "What does the {a} smell like?",
+    ),
 }
 # The answer-format instruction after a single-turn VQA question: one of these, or none at all for a
 # NO_INSTRUCTION fraction of the records (answers are short either way). SHIFTED_INSTRUCTIONS are held
@@ -244,3 +352,16 @@ SHIFTED_INSTRUCTIONS = (
     "Keep your answer to a single word or number.",
 )
 NO_INSTRUCTION = 0.25
+# The instruction after a single-turn question answered with an object's colour and shape ("red star":
+# nearer, largest, smallest, larger, smaller), in place of INSTRUCTIONS; held out as above.
+NAME_INSTRUCTIONS = (
+    "Answer with the colour and shape of the object.",
+    "Name the object by its color and shape.",
+    "Answer with a colour and a shape.",
+    "Reply with the object's color and shape only.",
+)
+SHIFTED_NAME_INSTRUCTIONS = ("Respond with just the colour and the shape.",)
+# The whole answer to a question the image cannot answer (multiturn.py's unanswerable turns).
+CANNOT_TELL = "I can't tell that from the image."
+# The answer to "What else is there?" when the conversation has named every object already.
+NOTHING_ELSE = "There is nothing else."

@@ -30,6 +30,10 @@ class WordOptions:
     # object_words: one more token first, the number of objects found as a digit ("4: small red ...").
     # A small LLM miscounts a list of six; read once by the tower, the total is a word to copy.
     count: bool = False
+    # object_words: each object's position digits before its words ("3 7 small red star"). The LLM reads
+    # causally, so only a word after the digits can hold them: with the digits first, the shape word
+    # that questions name the object by carries where the object is (docs/experiments.md).
+    position_first: bool = False
 
     def __post_init__(self) -> None:
         if not self.words or not all(self.words):
@@ -166,7 +170,7 @@ class ObjectWords(nn.Module):
             )
         self.groups = [list(g) for g in options.words]
         self.grid, self.slots, self.bins = grid, options.slots, options.position_bins
-        self.count = options.count
+        self.count, self.position_first = options.count, options.position_first
         self.classifiers = nn.ModuleList(nn.Linear(in_dim, len(g) + 1) for g in self.groups)
         self.offset = nn.Linear(in_dim, 2)  # where the nearest object centre is, in cell sides
         self.words = nn.ParameterList(nn.Parameter(torch.randn(len(g), out_dim) * 0.02) for g in self.groups)
@@ -230,7 +234,8 @@ class ObjectWords(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         found, words, bins = self.objects(x)
         tokens = [p @ vectors for p, vectors in zip(words, self.words, strict=True)]
-        tokens += [self.digits[bins[..., 0]], self.digits[bins[..., 1]]]
+        digits = [self.digits[bins[..., 0]], self.digits[bins[..., 1]]]
+        tokens = digits + tokens if self.position_first else tokens + digits
         out = torch.stack(tokens, 2)  # (B, slots, tokens per object, Dl)
         out = torch.where(found[..., None, None], out, self.none.to(out.dtype)).flatten(1, 2)
         if self.count:
@@ -239,20 +244,18 @@ class ObjectWords(nn.Module):
 
     @torch.no_grad()
     def read(self, x: torch.Tensor) -> list[str]:
-        """What the LLM is shown, as text (most likely word per group): 'small red star 3 7, ...', after
-        "N: " with `count`."""
+        """What the LLM is shown, as text (most likely word per group): 'small red star 3 7, ...' ('3 7 small
+        red star, ...' with `position_first`), after "N: " with `count`."""
         found, words, bins = self.objects(x)
         best = torch.stack([p.argmax(-1) for p in words], -1).tolist()  # (B, slots, groups)
         bins, texts = bins.tolist(), []
         for i in range(x.shape[0]):
-            objects = [
-                " ".join(
-                    [g[k] for g, k in zip(self.groups, best[i][j], strict=True)]
-                    + [str(v) for v in bins[i][j]]
-                )
-                for j in range(self.slots)
-                if found[i, j]
-            ]
+            objects = []
+            for j in range(self.slots):
+                if found[i, j]:
+                    named = [g[k] for g, k in zip(self.groups, best[i][j], strict=True)]
+                    digits = [str(v) for v in bins[i][j]]
+                    objects.append(" ".join(digits + named if self.position_first else named + digits))
             texts.append((f"{len(objects)}: " if self.count else "") + ", ".join(objects))
         return texts
 
